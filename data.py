@@ -127,11 +127,15 @@ class _NumpyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists and numpy arrays; any other global is refused, never imported."""
 
     ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-               ('numpy', 'ndarray'), ('numpy', 'dtype')}
+               ('numpy', 'ndarray'), ('numpy', 'dtype'),
+               ('_codecs', 'encode')}  # how Python 3 writes bytes at protocol 2 (harmless)
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f'refusing to load global {module}.{name} from a data file')
+        if module == '_codecs':
+            import codecs
+            return codecs.encode
         if name == '_reconstruct':  # numpy's array rebuilder; numpy 2 moved numpy.core to _core
             try:
                 from numpy._core.multiarray import _reconstruct
