@@ -87,9 +87,14 @@ def append_zero(t_steps):
 # ---------------------------------------------------------------------------------------------
 
 def _eps(denoiser, x, t, cond):
-    """eps(x, t) = (x - D(x, t)) / t (SFD Eq. 4), with t broadcast to the batch as a [B] tensor."""
-    D = denoiser(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), **cond)
-    return (x - D.to(x.dtype)) / t
+    """eps(x, t) = (x - D(x, t)) / t (SFD Eq. 4). `t` is a float or a per-sample [B] tensor; the
+    denoiser always receives a [B] tensor."""
+    if torch.is_tensor(t):
+        t_b = t.to(x.dtype).expand(x.shape[0])
+        t = t_b.reshape(-1, *[1] * (x.ndim - 1))  # broadcast over the sample dimensions
+    else:
+        t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    return (x - denoiser(x, t_b, **cond).to(x.dtype)) / t
 
 
 def afs_eps(x, t):
@@ -110,10 +115,13 @@ def _eps_first(denoiser, x, t, cond, afs, i):
 def euler_step(denoiser, x, t_cur, t_next, **cond):
     """One Euler (= DDIM) step from t_cur to t_next: the SFD student's update (SFD Eq. 6).
 
-    x_next = x + (t_next - t_cur) * eps(x, t_cur). Gradients flow through the denoiser call,
-    which is what distillation trains.
+    x_next = x + (t_next - t_cur) * eps(x, t_cur). Times are floats or per-sample [B] tensors.
+    Gradients flow through the denoiser call, which is what distillation trains.
     """
-    return x + (float(t_next) - float(t_cur)) * _eps(denoiser, x, float(t_cur), cond)
+    if torch.is_tensor(t_cur) or torch.is_tensor(t_next):
+        h = (torch.as_tensor(t_next) - torch.as_tensor(t_cur)).to(x).expand(x.shape[0])
+        return x + h.reshape(-1, *[1] * (x.ndim - 1)) * _eps(denoiser, x, torch.as_tensor(t_cur).to(x), cond)
+    return x + (t_next - t_cur) * _eps(denoiser, x, t_cur, cond)
 
 
 def _times(t_steps):
@@ -361,6 +369,53 @@ def sample(denoiser, x, t_steps, solver='heun', afs=False, trajectory=False, max
     for x in states:  # run the generator to the end, keeping only the latest state
         pass
     return x
+
+
+def sampling_schedule(sampling, nfe=None):
+    """The schedule a stored sampling configuration prescribes for a given NFE.
+
+    `sampling` is a plain dict (our checkpoints store one): solver, nfe (an int, or a list for a
+    model trained at several), afs, schedule, rho, t_min, t_max and optionally ends_at_zero
+    (EDM's trailing t = 0). Returns (t_steps, nfe).
+    """
+    trained = sampling['nfe'] if isinstance(sampling['nfe'], (list, tuple)) else [sampling['nfe']]
+    nfe = trained[0] if nfe is None and len(trained) == 1 else nfe
+    if nfe is None:
+        raise ValueError(f'this model samples at NFE {trained}: choose one')
+    ends_at_zero = sampling.get('ends_at_zero', False)
+    n = steps_for_nfe(sampling['solver'], nfe, sampling.get('afs', False), ends_at_zero)
+    t = time_schedule(n - ends_at_zero, sampling['t_min'], sampling['t_max'], sampling['schedule'],
+                      sampling['rho'])
+    return (append_zero(t) if ends_at_zero else t), nfe
+
+
+def sample_with(denoiser, z, sampling, nfe=None, **cond):
+    """Generate from unit noise z as a stored configuration says (SFD Alg. 8 for students).
+
+    For an SFD student this is Euler over its own schedule, with AFS if it was trained with
+    it, and the step condition of the chosen NFE when it has one (SFD-v, Alg. 6).
+    """
+    t_steps, nfe = sampling_schedule(sampling, nfe)
+    step = (sampling.get('step_values') or {}).get(str(nfe))
+    if step is not None:
+        cond['step'] = step
+    return sample(denoiser, float(t_steps[0]) * z, t_steps, sampling['solver'],
+                  afs=sampling.get('afs', False), **cond)
+
+
+def guided(denoiser, w, uncond=None):
+    """Classifier-free guidance as a denoiser (Meng Sec. 2; Ho & Salimans 2022):
+        D_w(x, t, c) = (1 + w) D(x, t, c) - w D_u(x, t)
+    with Meng's w (w = 0 is the conditional model; SFD's omega = 1 + w). D_u is `uncond`, or the
+    same network with a null label (zero one-hot). Two network calls per evaluation.
+    """
+    def D_w(x, t, class_labels=None, **cond):
+        D_c = denoiser(x, t, class_labels=class_labels, **cond)
+        null = None if class_labels is None else torch.zeros_like(class_labels)
+        D_u = uncond(x, t, **cond) if uncond is not None else denoiser(x, t, class_labels=null, **cond)
+        w_b = w.reshape(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(w) else w  # w per sample or shared
+        return (1 + w_b) * D_c - w_b * D_u
+    return D_w
 
 
 # ---------------------------------------------------------------------------------------------

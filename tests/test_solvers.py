@@ -365,3 +365,44 @@ def test_stochastic_sampler_is_reproducible_per_sample():
     torch.testing.assert_close(full[2:], half)  # an image does not depend on its batch mates
     other = solvers.stochastic_sample(D, x, t_steps, generator=torch.Generator().manual_seed(7))
     assert not torch.allclose(other, full)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stored sampling configurations and classifier-free guidance
+# ------------------------------------------------------------------------------------------------
+
+def test_sample_with_follows_a_stored_configuration():
+    """SFD Alg. 8: Euler over the student's own schedule, with AFS and the step of the chosen NFE."""
+    seen = []
+
+    def D(x, t, step=None):
+        seen.append((float(t[0]), step))
+        return 0.5 * x
+    cfg = dict(solver='euler', nfe=[2, 3], afs=True, schedule='polynomial', rho=7.0, t_min=0.006,
+               t_max=80.0, step_values={'2': 4, '3': 5})
+    z = torch.randn(3, 2, dtype=F64)
+    out = solvers.sample_with(D, z, cfg, nfe=3)
+    t = time_schedule(4, 0.006, 80.)
+    assert [s for _, s in seen] == [5, 5, 5] and [ts for ts, _ in seen] == pytest.approx(t[1:4].tolist())
+    torch.testing.assert_close(out, sample(D, 80. * z, t, 'euler', afs=True, step=5))
+    with pytest.raises(ValueError, match='choose one'):
+        solvers.sample_with(D, z, cfg)
+    # EDM's default sampler as a stored configuration: Heun, 35 NFE, 18 timestamps plus 0.
+    edm = dict(solver='heun', nfe=35, schedule='polynomial', rho=7.0, t_min=0.002, t_max=80.0, ends_at_zero=True)
+    t_steps, n = solvers.sampling_schedule(edm)
+    assert n == 35 and len(t_steps) == 19 and t_steps[-1] == 0 and t_steps[-2] == 0.002
+
+
+def test_classifier_free_guidance_combination():
+    """D_w = (1 + w) D(x, c) - w D(x, null); w = 0 is the conditional model (Meng Sec. 2)."""
+    D = lambda x, t, class_labels=None: x + (0 if class_labels is None else class_labels.sum(1, keepdim=True))
+    x, t = torch.zeros(2, 3), torch.ones(2)
+    c = torch.tensor([[0., 1.], [1., 1.]])  # one-hot-like labels: D_c - D_null = label sum
+    torch.testing.assert_close(solvers.guided(D, 0.0)(x, t, class_labels=c), D(x, t, c))
+    torch.testing.assert_close(solvers.guided(D, 2.0)(x, t, class_labels=c), 3 * D(x, t, c) - 2 * x)
+    w = torch.tensor([1.0, 3.0])  # one strength per sample
+    torch.testing.assert_close(solvers.guided(D, w)(x, t, class_labels=c),
+                               torch.tensor([[2.0] * 3, [8.0] * 3]))
+    U = lambda x, t: x - 1.0  # a separate unconditional network (EDM's two CIFAR-10 models)
+    torch.testing.assert_close(solvers.guided(D, 1.0, uncond=U)(x, t, class_labels=c),
+                               2 * D(x, t, c) - (x - 1.0))
