@@ -68,6 +68,7 @@ class SFDConfig:
     tick_kimg: float = 1.0               # one stats.jsonl line per tick
     snapshot_kimg: float = 50.0          # student + training state every so often (and at the end)
     device: str = 'auto'
+    compile: bool = False                # torch.compile teacher and student (opt-in; slow to start)
 
 
 # Toy teachers are fresh MLPs, not pretrained UNets: a larger lr suits them (SFD's 5e-5 was tuned
@@ -336,6 +337,8 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == 'cuda' else None,
             find_unused_parameters=True)  # e.g. EDM's map_augment, unused without augment labels
+    if cfg.compile:  # same numerics, fused kernels; the files still hold the plain networks
+        model, teacher = torch.compile(model), torch.compile(teacher)
 
     data_x, data_y = (_vanilla_data(cfg, teacher_meta) if cfg.method == 'vanilla' else (None, None))
     total = int(cfg.kimg * 1000)

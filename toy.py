@@ -238,6 +238,17 @@ def reference_solution(teacher, z, t_min=0.006, t_max=80., steps=256, **cond):
 
 
 @torch.no_grad()
+def local_step_errors(denoiser, trajectory, t_steps, **cond):
+    """SFD Eq. 7 / 8 (Fig. 3): for every step n, the mean L2 distance between the teacher's state
+    x_n and one Euler step of `denoiser` from the teacher's x_{n+1}. With the teacher itself as
+    the denoiser this is the baseline (Eq. 7); with a fine-tuned student it is Eq. 8.
+    `trajectory` [n + 1, B, ...] holds the teacher's states at `t_steps` (largest t first)."""
+    t = [float(v) for v in t_steps]
+    return [fidelity(solvers.euler_step(denoiser, trajectory[i], t[i], t[i + 1], **cond), trajectory[i + 1])
+            for i in range(len(t) - 1)]
+
+
+@torch.no_grad()
 def evaluate(denoiser, sampling, teacher_ref, data_ref, z, nfe=None, **cond):
     """(fidelity to the teacher's ODE solution, sliced W2 to data) of a sampling configuration."""
     x = solvers.sample_with(denoiser, z, sampling, nfe=nfe, **cond)

@@ -1,18 +1,19 @@
-"""Shared test set-up: modules live at the repository root, tests run on the CPU."""
+"""Shared test set-up: modules live at the repository root, tests run on the CPU, offline.
+
+Every download and cached file (toy teachers included) goes to a fresh temporary folder, set
+before any test or fixture runs, so no test reads or writes ~/.cache. To reuse trained toy
+teachers across local runs, point SFD_TEST_CACHE at a folder of your choice.
+"""
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / 'shared' / 'data'  # in-house CIFAR-10 zips; absent on users' machines
 
+os.environ['SFD_CACHE'] = os.environ.get('SFD_TEST_CACHE') or tempfile.mkdtemp(prefix='sfd-test-cache-')
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-@pytest.fixture(autouse=True)
-def _offline_cache(tmp_path_factory, monkeypatch):
-    """Point the download cache at a temporary folder so no test reads or writes ~/.cache."""
-    monkeypatch.setenv('SFD_CACHE', str(tmp_path_factory.getbasetemp() / 'sfd-cache'))

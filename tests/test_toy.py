@@ -111,3 +111,17 @@ def test_toy_model_file_round_trip(tmp_path, ring_teacher):
     net, meta2 = unet.load_model(tmp_path / 't.pt')
     x = torch.randn(3, 2)
     assert torch.equal(net(x, 1.0), teacher(x, 1.0)) and meta2 == meta
+
+
+def test_local_step_errors_eq_7(ring_teacher):
+    """SFD Eq. 7: a denoiser that reproduces the trajectory exactly has zero local error; the
+    teacher's own Euler steps against its fine DPM-Solver++ trajectory do not."""
+    teacher, _ = ring_teacher
+    z = toy.eval_noise(200)
+    t_fine = solvers.time_schedule(12, 0.006, 80.)
+    traj = solvers.sample(teacher, 80 * z, t_fine, 'dpmpp3m', trajectory=True)
+    t_coarse, coarse = t_fine[::4], traj[::4]
+    errs = toy.local_step_errors(teacher, coarse, t_coarse)
+    assert len(errs) == 3 and all(e > 0 for e in errs)
+    euler_traj = solvers.sample(teacher, 80 * z, t_coarse, 'euler', trajectory=True)
+    assert max(toy.local_step_errors(teacher, euler_traj, t_coarse)) < 1e-5
