@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -107,9 +107,10 @@ def per_sample_loss(metric, x, target, lpips=None):
         c = 0.00054 * math.sqrt(diff.shape[1])
         return (diff.square().sum(1) + c * c).sqrt() - c
     if metric in ('lpips', 'l1+lpips'):
-        # LPIPS on bilinearly upsampled 224x224 images. The official second stage broadcast-adds
-        # it to every pixel of the L1 map, i.e. adds C*H*W * LPIPS to the per-sample L1 sum.
-        up = lambda v: torch.nn.functional.interpolate(v.float(), size=224, mode='bilinear')
+        # LPIPS on bilinearly upsampled 224x224 images mapped to [0, 1], the range piq expects
+        # (the official code passes [-1, 1]). The official second stage broadcast-adds LPIPS to
+        # every pixel of the L1 map, i.e. adds C*H*W * LPIPS to the per-sample L1 sum.
+        up = lambda v: (torch.nn.functional.interpolate(v.float(), size=224, mode='bilinear') + 1) / 2
         d = lpips(up(x), up(target)).flatten() * diff.shape[1]
         return d + diff.abs().sum(1) if metric == 'l1+lpips' else d
     raise ValueError(f'unknown loss {metric!r}; choose one of {LOSSES}')
@@ -239,6 +240,12 @@ def apply_defaults(cfg, explicit=()):
         changes['teacher_solver'] = 'dpm2'  # Alg. 3 needs a single-step solver over the K sub-steps
     if toy_lineage(cfg.teacher):
         changes.update(TOY_DEFAULTS)
+    elif cfg.method == 'second-stage':  # Sec. 4.2: L1 + LPIPS for images, when piq is installed
+        try:
+            import piq  # noqa: F401
+            changes['loss'] = 'l1+lpips'
+        except ImportError:
+            print('second stage: piq is not installed, training with L1 only (pip install piq for LPIPS)')
     for k, v in changes.items():
         if k not in explicit:
             setattr(cfg, k, v)
