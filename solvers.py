@@ -397,7 +397,7 @@ def sample_with(denoiser, z, sampling, nfe=None, **cond):
     """
     t_steps, nfe = sampling_schedule(sampling, nfe)
     step = (sampling.get('step_values') or {}).get(str(nfe))
-    if step is not None:
+    if step is not None and 'step' not in cond:  # an explicit step= wins (e.g. an untrained NFE)
         cond['step'] = step
     return sample(denoiser, float(t_steps[0]) * z, t_steps, sampling['solver'],
                   afs=sampling.get('afs', False), **cond)
