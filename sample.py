@@ -1,0 +1,422 @@
+"""Generate images (or 2-D points) from any model of this project, reproducibly, for viewing or FID.
+
+A model is an NVIDIA EDM network (preset, alias, .pkl or URL: `unet.load_edm`) sampled by any
+training-free solver of solvers.py, or one of our own files (`unet.load_model`), whose metadata
+says how to sample it: an SFD student is Euler over its own schedule (SFD Alg. 8), with AFS and
+SFD-v's step condition where it was trained with them; a guided student (Meng et al.) takes the
+guidance strength w as a network input. Seeds work as in EDM's generate.py: every image has its
+own generator, so an image depends only on its seed, not on the batch size or the GPU count (up
+to the float rounding of batched network arithmetic).
+
+    python sample.py --model cifar10-32x32-uncond-vp --seeds 0-63 --grid g.png   # EDM's sampler:
+        # Heun, 18 timestamps + a final 0 = 17 Heun steps and 1 Euler step = 35 NFE
+    python sample.py --model runs/<run>/student.pt --nfe 3 --grid g.png         # an SFD-v student
+    python sample.py --model cifar10-cond --class 3 --guidance 1 --uncond cifar10 --grid g.png
+    torchrun --standalone --nproc_per_node=8 sample.py --model cifar10 --seeds 0-49999 \\
+        --outdir fid-tmp --npz fid-tmp.npz                   # 50k images for `python fid.py calc`
+"""
+
+import argparse
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from PIL import Image
+from tqdm import tqdm
+
+import fid  # only for IMAGES_KEY: the npz layout fid.py reads
+import solvers
+import toy  # noqa: F401 -- registers the toy MLP so that unet.load_model rebuilds toy models
+import unet
+
+# EDM's sampler (Karras et al. 2022, Alg. 1; generate.py defaults): Heun on the rho = 7 polynomial
+# schedule from 80 to 0.002, then a final step to t = 0 that lands on the denoiser's output.
+# 18 timestamps + 0 = 18 steps = 17 two-call Heun steps + 1 one-call Euler step = 35 NFE.
+TEACHER_DEFAULTS = dict(solver='heun', nfe=35, afs=False, schedule='polynomial', rho=7.0,
+                        t_min=0.002, t_max=80.0, ends_at_zero=True)
+
+
+def ends_at_zero_default(solver):
+    """Single-step solvers end at t = 0 as EDM's sampler does (a last Euler step onto D); multistep
+    ones stop at t_min as the official SFD teacher code does (lambda = -log t is infinite at 0)."""
+    return solver in ('heun', 'dpm2', 'euler')
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, noise and labels: one generator per image (EDM generate.py's convention)
+# ---------------------------------------------------------------------------------------------
+
+def parse_seeds(text):
+    """'0-63,100' -> [0, ..., 63, 100]: comma-separated integers and inclusive ranges a-b."""
+    seeds = []
+    for part in str(text).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ValueError(f'bad seed list {text!r}: use integers and inclusive ranges, e.g. 0-63,100')
+        seeds += range(int(m[1]), int(m[2] or m[1]) + 1)
+    return seeds
+
+
+def sample_shape(net):
+    """[C, H, W] for an image network, [D] for a point model (toy.py's MLP on 2-D points)."""
+    if isinstance(net.model, (unet.SongUNet, unet.DhariwalUNet)):
+        return [net.img_channels, net.img_resolution, net.img_resolution]
+    return [net.img_channels]
+
+
+def noise(seeds, shape, label_dim, class_idx=None, device='cpu'):
+    """Unit latents z [B, *shape], one-hot labels [B, C] (or None) and the per-seed generators.
+
+    Each seed s seeds its own torch.Generator(device) with s mod 2^32; it draws randn(shape) first,
+    then (for a conditional model) a class uniformly from `label_dim`, exactly as EDM's
+    generate.py does. The label is drawn even when `class_idx` then replaces it, so a stochastic
+    sampler continues each generator from the same state with or without --class.
+    """
+    gens = [torch.Generator(device).manual_seed(int(s) % 2 ** 32) for s in seeds]
+    z = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    labels = None
+    if label_dim:
+        idx = torch.stack([torch.randint(label_dim, size=[], generator=g, device=device) for g in gens])
+        if class_idx is not None:
+            idx = torch.full_like(idx, class_idx)
+        labels = torch.eye(label_dim, device=device)[idx]
+    return z, labels, gens
+
+
+def to_uint8(x):
+    """EDM's conversion of [-1, 1] images to pixels: x * 127.5 + 128, clipped, truncated to uint8."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling plan: schedule, solver, conditions and the true number of network calls
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """How `generate` integrates, fixed before the first image, with its true cost per image."""
+    solver: str            # a name in solvers.SOLVERS, or 'stochastic' (Meng's N-step sampler)
+    t_steps: torch.Tensor  # the timestamps, t_max first (a trailing 0 for EDM-style sampling)
+    afs: bool              # SFD's analytical first step (one call saved)
+    cond: dict             # network conditions: step= (SFD-v), guidance= (a guided student)
+    cfg: float = None      # classifier-free guidance w with two calls per evaluation, or None
+    nfe: int = 0           # network calls per image, the CFG doubling included
+
+    def describe(self):
+        t, n = [float(v) for v in self.t_steps], len(self.t_steps) - 1
+        end = f'{t[-2]:g} -> 0' if t[-1] == 0 else f'{t[-1]:g}'
+        what = f'{self.solver}, {n} steps from t={t[0]:g} to {end}' + (', AFS' if self.afs else '')
+        if t[-1] == 0 and self.solver in ('heun', 'dpm2'):
+            what += ' (the step to 0 is one-call Euler)'
+        what += ''.join(f', {k}={v:g}' for k, v in self.cond.items())
+        if self.cfg is not None:
+            what += f', classifier-free guidance w={self.cfg:g} (2 calls per evaluation)'
+        return f'{what}: NFE {self.nfe} per image'
+
+
+def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=False):
+    """Check the request against the model and fix schedule, conditions and cost (see Plan).
+
+    `sampling` is a stored configuration as in solvers.sampling_schedule (solver, nfe, afs,
+    schedule, rho, t_min, t_max, optional ends_at_zero, step_values), or one with an explicit
+    grid `t_steps` (guided_pd.py's cosine grids); `nfe` picks one of several (SFD-v).
+    `guidance` is Meng's w (SFD's omega = 1 + w): a network input for a guided student
+    (`net.use_guidance_condition`), else classifier-free guidance of a conditional model,
+    D_w = (1 + w) D(x, c) - w D_u(x), at two calls per evaluation, D_u being `uncond` or the same
+    network with a null (all-zero) label. `stochastic` (or solver 'stochastic') selects Meng's
+    stochastic N-step sampler over time_schedule(N) or the stored grid: N calls.
+    """
+    cond, cfg = {}, None
+    if getattr(net, 'use_guidance_condition', False):
+        if guidance is None:
+            raise ValueError('this model takes the guidance strength as an input: pass --guidance w '
+                             "(Meng's w; w = 0 is the plain conditional model)")
+        if uncond is not None:
+            raise ValueError('--uncond is for classifier-free guidance; this model is guided by its input w')
+        cond['guidance'] = float(guidance)
+    elif guidance is not None:
+        if not net.label_dim:
+            raise ValueError('--guidance needs a class-conditional model (or a guided student); '
+                             'this one is unconditional')
+        cfg = float(guidance) if guidance != 0 or uncond is not None else None  # w = 0: D_w = D_c
+    elif uncond is not None:
+        raise ValueError('--uncond is the unconditional branch of classifier-free guidance: add --guidance w')
+
+    trained = sampling['nfe'] if isinstance(sampling['nfe'], (list, tuple)) else [sampling['nfe']]
+    if nfe is None and len(trained) > 1:
+        raise ValueError(f'this model samples at NFE {trained}: choose one with --nfe')
+    t_steps = sampling.get('t_steps')
+    if t_steps is not None:  # a stored grid (Meng's progressive students): its NFE is fixed
+        t_steps = torch.tensor(t_steps, dtype=torch.float64)
+        if nfe is not None and nfe != trained[0]:
+            raise ValueError(f'this student samples its stored grid at NFE {trained[0]} only, not {nfe}')
+    if stochastic or sampling['solver'] == 'stochastic':
+        # Meng Eq. 4-7: N grid points below t_N = t_max, one call each, the last one lands on D.
+        N = int(nfe if nfe is not None else trained[0])
+        if t_steps is None:
+            t_steps = solvers.time_schedule(N, sampling['t_min'], sampling['t_max'], sampling['schedule'],
+                                            sampling['rho'])
+        solver, afs, calls = 'stochastic', False, len(t_steps) - 1
+    else:
+        if t_steps is None:  # turn the NFE into steps (solvers.steps_for_nfe: a clear error if impossible)
+            t_steps = solvers.sampling_schedule(sampling, nfe)[0]
+        solver, afs = sampling['solver'], bool(sampling.get('afs', False))
+        calls = solvers.nfe(solver, len(t_steps) - 1, afs, ends_at_zero=float(t_steps[-1]) == 0)
+    if getattr(net, 'use_step_condition', False):
+        # SFD-v (Alg. 6): the student is told its schedule through the step condition, the
+        # number of timestamps N + 1 = NFE + AFS + 1 (what distill.py stores per trained NFE).
+        step = (sampling.get('step_values') or {}).get(str(calls))
+        if step is None:
+            step = len(t_steps)
+            warnings.warn(f'NFE {calls} was not trained (step values {sampling.get("step_values")}); '
+                          f'using step={step}, the number of timestamps', stacklevel=2)
+        cond['step'] = step
+    return Plan(solver, t_steps, afs, cond, cfg, calls * (2 if cfg is not None else 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, uncond=None, batch=64,
+             device=None, stochastic=False, progress=True, raw=False, on_batch=None, return_labels=False):
+    """Samples for `seeds`, in their order: uint8 images [N, C, H, W] (EDM's conversion, on the CPU),
+    or float points [N, D] for a point model; `raw=True` returns the float images instead.
+
+    Arguments as in make_plan; `class_idx` fixes the class of a conditional model (else one is
+    drawn per seed); `device` defaults to the network's; `on_batch(seeds, samples, labels)` is
+    called after every batch (sample.py's CLI writes PNGs there); `return_labels=True` returns
+    (samples, class indices [N] or None). The state is integrated in float64 as in EDM's
+    sampler, the network evaluated in its own dtype.
+    """
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    shape, label_dim = sample_shape(net), net.label_dim
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise ValueError('--class needs a class-conditional model; this one is unconditional' if not label_dim
+                         else f'class index {class_idx} is out of range: this model has {label_dim} classes')
+    plan = make_plan(net, sampling, nfe, guidance, uncond, stochastic)
+    dtype = next(net.parameters()).dtype
+    D = lambda x, t, **c: net(x.to(dtype), t, **c)  # EDM casts the state to the network's dtype
+    if plan.cfg is not None:  # Meng Sec. 2 / Ho & Salimans: (1 + w) D(x, c) - w D_u(x)
+        D_u = None if uncond is None else (lambda x, t, **c: uncond(x.to(dtype), t, **c))
+        D = solvers.guided(D, plan.cfg, uncond=D_u)
+    out, out_labels = [], []
+    for i in tqdm(range(0, len(seeds), batch), unit='batch', disable=not progress or None, desc='sample'):
+        chunk = seeds[i:i + batch]
+        z, labels, gens = noise(chunk, shape, label_dim, class_idx, device)
+        cond = dict(plan.cond, **({'class_labels': labels} if label_dim else {}))
+        x_T = float(plan.t_steps[0]) * z.to(torch.float64)  # x = t_max z (the solvers' convention)
+        if plan.solver == 'stochastic':  # fresh noise per step from each image's own generator
+            x = solvers.stochastic_sample(D, x_T, plan.t_steps, generator=gens, **cond)
+        else:
+            x = solvers.sample(D, x_T, plan.t_steps, plan.solver, afs=plan.afs, **cond)
+        out.append((x if raw or len(shape) == 1 else to_uint8(x)).cpu())
+        out_labels.append(None if labels is None else labels.argmax(1).cpu())
+        if on_batch is not None:
+            on_batch(chunk, out[-1], out_labels[-1])
+    x = torch.cat(out) if out else torch.empty(0, *shape)
+    if return_labels:
+        return x, (torch.cat(out_labels) if label_dim and out else None)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing samples: a grid, EDM's folder layout, an npz for fid.py. All atomic.
+# ---------------------------------------------------------------------------------------------
+
+def _atomic(path, write):
+    """write(tmp) then rename: readers see no file or the whole file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_image(array, path):
+    """One HWC uint8 array as an image; the format comes from the suffix (PNG if unknown)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), 'PNG')
+    img = Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else Image.fromarray(array, 'RGB')
+    _atomic(path, lambda tmp: img.save(tmp, format=fmt))
+
+
+def save_grid(images, path, cols=None):
+    """uint8 images [N, C, H, W] as one near-square grid (ceil(sqrt N) columns, black padding)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f'save_grid takes uint8 images [N, C, H, W], got {images.dtype} '
+                         f'{list(images.shape)}')
+    n = len(images)
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    pad = images.new_zeros(rows * cols - n, *images.shape[1:])
+    grid = rearrange(torch.cat([images, pad]), '(r c) ch h w -> (r h) (c w) ch', r=rows, c=cols)
+    _save_image(grid.numpy(), path)
+
+
+def image_path(outdir, seed):
+    """EDM's layout: one subfolder per 1000 seeds, e.g. seed 1234 -> 001000/001234.png."""
+    return Path(outdir) / f'{seed - seed % 1000:06d}' / f'{seed:06d}.png'
+
+
+def save_images(images, seeds, outdir):
+    """One PNG per image, named by its seed (see image_path)."""
+    for seed, img in zip(seeds, images, strict=True):
+        _save_image(rearrange(img, 'c h w -> h w c').numpy(), image_path(outdir, seed))
+
+
+def save_npz(path, samples, seeds, labels=None):
+    """Images as uint8 [N, H, W, C] under fid.IMAGES_KEY (what fid.py reads), or float points
+    [N, D] under 'points'; with the seeds and (conditional models) the class indices."""
+    samples = torch.as_tensor(samples)
+    arrays = dict(seeds=np.asarray(seeds, np.int64))
+    if samples.ndim == 4:
+        arrays[fid.IMAGES_KEY] = rearrange(samples, 'n c h w -> n h w c').numpy()
+    else:
+        arrays['points'] = samples.numpy()
+    if labels is not None:
+        arrays['labels'] = torch.as_tensor(labels).numpy().astype(np.int64)
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to tmp
+            np.savez(f, **arrays)
+    _atomic(path, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and their sampling configuration
+# ---------------------------------------------------------------------------------------------
+
+def load(source, device='cpu'):
+    """(net, meta): one of our files (`unet.load_model`) or anything `unet.load_edm` takes
+    (preset, alias, .pkl, URL; it raises a clear error for anything else)."""
+    path = Path(str(source)).expanduser()
+    if path.is_file() and path.suffix != '.pkl':
+        return unet.load_model(path, device=device)
+    return unet.load_edm(source, device=device), {'source': str(source)}
+
+
+def resolve_sampling(meta, nfe=None, **overrides):
+    """The sampling configuration: the model's own (meta['sampling']) or TEACHER_DEFAULTS, with
+    the non-None `overrides` (solver, afs, schedule, rho, t_min, t_max, ends_at_zero). A teacher
+    takes any `nfe`. A distilled student (meta has 'method', or a stored grid) was trained for it:
+    `nfe` picks one of its NFE (SFD-v); anything else is allowed but warned about."""
+    s = dict(meta.get('sampling') or TEACHER_DEFAULTS)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if 't_steps' in s and given.keys() & {'schedule', 'rho', 't_min', 't_max'}:
+        raise ValueError('this student stores its time grid (t_steps): its schedule cannot be changed')
+    if 'method' in meta or 't_steps' in s:  # distilled (SFD: distill.py, Meng stage two: guided_pd.py)
+        name = meta.get('method') or meta.get('kind') or 'distilled'
+        trained = s['nfe'] if isinstance(s['nfe'], (list, tuple)) else [s['nfe']]
+        if given:
+            warnings.warn(f'overriding the {name} student\'s sampling {s} with {given}: it was '
+                          'distilled for its own configuration', stacklevel=2)
+        if nfe is not None and nfe not in trained:
+            warnings.warn(f'this {name} student was distilled for NFE {trained}, not {nfe}', stacklevel=2)
+    elif nfe is not None:
+        s['nfe'] = nfe
+    if 'solver' in given:  # a new solver ends where it usually does, unless told otherwise
+        s['ends_at_zero'] = ends_at_zero_default(given['solver'])
+    s.update(given)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (and torchrun: rank r takes seeds[r::world])
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='cifar10-32x32-uncond-vp',
+                   help='EDM preset/alias/.pkl/URL, or a model file of ours (.pt)')
+    p.add_argument('--seeds', default='0-63', help='e.g. 0-63,100 (inclusive ranges)')
+    p.add_argument('--batch', type=int, default=64, help='images per batch and process')
+    p.add_argument('--nfe', type=int, help='network calls per image (teachers: 35; SFD-v: pick one)')
+    p.add_argument('--solver', choices=list(solvers.SOLVERS), help='teachers: heun (EDM)')
+    p.add_argument('--schedule', choices=solvers.SCHEDULES, help='teachers: polynomial')
+    p.add_argument('--rho', type=float, help='teachers: 7')
+    p.add_argument('--t-min', type=float, help='teachers: 0.002 (EDM)')
+    p.add_argument('--t-max', type=float, help='teachers: 80')
+    p.add_argument('--afs', action=argparse.BooleanOptionalAction, help="SFD's analytical first step")
+    p.add_argument('--end-at-zero', dest='ends_at_zero', action=argparse.BooleanOptionalAction,
+                   help='append t = 0 (default: yes for heun/dpm2/euler as EDM, no for multistep)')
+    p.add_argument('--stochastic', action='store_true', help="Meng et al.'s stochastic N-step sampler")
+    p.add_argument('--class', dest='class_idx', type=int, help='class index (default: random per seed)')
+    p.add_argument('--guidance', type=float, help="guidance strength, Meng's w (SFD's omega = 1 + w)")
+    p.add_argument('--uncond', help='unconditional model for classifier-free guidance (default: null label)')
+    p.add_argument('--grid', help='write a PNG grid of all images here')
+    p.add_argument('--outdir', help='write one PNG per image: DIR/000000/000123.png (EDM layout)')
+    p.add_argument('--npz', help='write uint8 NHWC images (or 2-D points) for fid.py here')
+    p.add_argument('--device', help='default: cuda if available, else cpu')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    args = p.parse_args(argv)
+    if not (args.grid or args.outdir or args.npz):
+        raise ValueError('no output requested: add --grid FILE.png, --outdir DIR and/or --npz FILE.npz')
+    seeds = parse_seeds(args.seeds)
+
+    # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a single process needs no launcher.
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if world > 1 and not dist.is_initialized():
+        if device.type == 'cuda':  # one GPU per process
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        dist.barrier()  # rank 0 downloads first, the others then read its cached copy
+    net, meta = load(args.model, device)
+    uncond = load(args.uncond, device)[0] if args.uncond else None
+    if rank == 0 and world > 1:
+        dist.barrier()
+
+    sampling = resolve_sampling(meta, args.nfe, solver=args.solver, schedule=args.schedule, rho=args.rho,
+                                t_min=args.t_min, t_max=args.t_max, afs=args.afs,
+                                ends_at_zero=args.ends_at_zero)
+    if len(sample_shape(net)) == 1 and (args.grid or args.outdir):
+        raise ValueError('this model makes 2-D points, not images: use --npz')
+    plan = make_plan(net, sampling, args.nfe, args.guidance, uncond, args.stochastic)
+    if rank == 0:
+        print(f'{args.model}: {len(seeds)} samples; {plan.describe()}')
+
+    mine = seeds[rank::world]
+    write = (lambda s, x, y: save_images(x, s, args.outdir)) if args.outdir else None
+    x, labels = generate(net, mine, sampling, args.nfe, args.class_idx, args.guidance, uncond, args.batch,
+                         device, args.stochastic, progress=not args.quiet and rank == 0, on_batch=write,
+                         return_labels=True)
+    if world > 1 and (args.npz or args.grid):  # rank 0 puts every rank's share back in seed order
+        shares = [None] * world
+        dist.all_gather_object(shares, (x, labels))
+        order = torch.cat([torch.arange(r, len(seeds), world) for r in range(world)])  # seeds[r::world]
+        unshuffle = lambda parts: torch.cat(parts).index_copy(0, order, torch.cat(parts))
+        x = unshuffle([x_r for x_r, _ in shares])
+        labels = None if labels is None else unshuffle([y_r for _, y_r in shares])
+    if rank == 0:
+        if args.npz:
+            save_npz(args.npz, x, seeds, labels)
+        if args.grid:
+            save_grid(x, args.grid)
+        print('wrote ' + ', '.join(f for f in (args.grid, args.outdir, args.npz) if f))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return x
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except ValueError as e:  # bad input: one clear line
+        raise SystemExit(f'sample.py: error: {e}') from None
