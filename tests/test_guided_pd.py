@@ -1,0 +1,379 @@
+"""Tests for guided_pd.py: Meng et al.'s guidance distillation on a toy CFG teacher (CPU).
+
+The teacher is toy.toy_teacher('ring', cond=True): an MLP trained jointly on 8 labelled Gaussians
+with label dropout 0.1, so its null label is its own unconditional model. Metric A is the mean
+distance of a sample to the guided teacher's own fine ODE solution from the same noise. The runs
+below use seed 0; seeds 1 and 2 were run by hand with the same settings and pass every test; each
+test's docstring gives the range measured over the three seeds next to what it asserts.
+"""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import guided_pd as gp
+import solvers
+import toy
+import unet
+
+WS = (0.0, 1.0, 2.0, 4.0)
+# Scaled-down runs: 600 updates of batch 128 for stage one and per stage-two round.
+RUN = dict(teacher='toy:ring', uncond='', device='cpu', seed=0, lr=1e-3, batch=128, ema=0.99,
+           iters=600, round_iters=600, final_round_iters=600, tick=200)
+
+
+class Counter(torch.nn.Module):
+    """Wraps a denoiser and counts its calls (one call = one NFE for the batch)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x, t, **cond):
+        self.calls += 1
+        return self.net(x, t, **cond)
+
+
+@pytest.fixture(scope='session')
+def teacher():
+    """(D_w, the jointly trained conditional net): trained once per session (cached in SFD_CACHE)."""
+    D_w, net, _ = gp.load_cfg_teacher('toy:ring')
+    return D_w, net
+
+
+@pytest.fixture(scope='session')
+def stage1(teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp('guided')
+    cfg = gp.GuidedConfig(**RUN, run_dir=str(root / 's1'))
+    net, meta = gp.stage_one(cfg, progress=False, log=lambda *a: None)
+    return net, meta, root / 's1' / 'student.pt'
+
+
+@pytest.fixture(scope='session')
+def deterministic(stage1):
+    """Alg. 3 from the stage-one student: the 8-step DDIM teacher -> 4 -> 2 -> 1 step students."""
+    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(stage1[2]), 'start_n': 8},
+                          run_dir=str(stage1[2].parent.parent / 'det'))
+    return gp.stage_two(cfg, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope='session')
+def evaluation():
+    """Fixed unit noise, labels, and class-labelled data to compare with (n = 800, 100 per class)."""
+    x_data, y = toy.toy_data('ring', 800, generator=torch.Generator().manual_seed(99))
+    return toy.eval_noise(800), torch.eye(8)[y], y, x_data
+
+
+# ------------------------------------------------------------------------------------------------
+# The schedule and the EDM form of Meng's equations (float64, exact)
+# ------------------------------------------------------------------------------------------------
+
+def test_cosine_schedule_spans_the_edm_range_and_nests():
+    grid = gp.cosine_grid(8)
+    assert grid[0] == 80.0 and grid[-1] == 0 and len(grid) == 9
+    assert (grid[:-1] > grid[1:]).all()
+    assert gp.cosine_sigma(1e-12) == pytest.approx(0.002, rel=1e-6)  # sigma(0+) = sigma_min; sigma(0) = 0
+    torch.testing.assert_close(gp.cosine_grid(16)[::2], grid, rtol=0, atol=0)
+    # It is Meng's cosine schedule (alpha, sigma) = (cos phi, sin phi), phi = a t + b, read in EDM form:
+    # sigma_EDM = sigma / alpha, and logsnr = log(alpha^2 / sigma^2) = -2 log sigma_EDM.
+    t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
+    b = math.atan(0.002)
+    phi = (math.atan(80.0) - b) * t + b
+    torch.testing.assert_close(gp.cosine_sigma(t), phi.sin() / phi.cos())
+    torch.testing.assert_close(-2 * gp.cosine_sigma(t).log(), (phi.cos() ** 2 / phi.sin() ** 2).log())
+
+
+def vp(sigma):
+    """Meng's (alpha, sigma_VP) for an EDM sigma: alpha = 1 / sqrt(1 + sigma^2), sigma_VP = alpha sigma."""
+    alpha = 1 / (1 + sigma ** 2).sqrt()
+    return alpha, alpha * sigma
+
+
+def test_ddim_step_is_meng_eq_2_divided_by_alpha():
+    g = torch.Generator().manual_seed(0)
+    x, D = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    s_t, s_s = torch.rand(2, 5, dtype=torch.float64, generator=g) * torch.tensor([[5.0], [1.0]]) + 0.1
+    (a_t, v_t), (a_s, v_s) = vp(s_t), vp(s_s)
+    z_t = a_t[:, None] * x
+    z_s = a_s[:, None] * D + v_s[:, None] * (z_t - a_t[:, None] * D) / v_t[:, None]   # Meng Eq. 2
+    torch.testing.assert_close(gp.ddim_step(D, x, s_t, s_s), z_s / a_s[:, None])
+
+
+def test_two_step_target_is_the_one_step_equivalent_of_two_teacher_steps():
+    """Alg. 3's x~ on a closed-form Gaussian teacher, float64: (i) Meng's VP formula in EDM form,
+    (ii) one student DDIM step with D = x~ lands exactly on the teacher's x'', (iii) it is the
+    convex mixture of the teacher's two D's, (iv) the edge cases give the teacher's D."""
+    D = solvers.gaussian_denoiser(0.3, 0.5)
+    g = torch.Generator().manual_seed(1)
+    N, i = 1024, torch.tensor([2.0, 17.0, 500.0, 1024.0], dtype=torch.float64)
+    s, s1, s2 = (gp.cosine_sigma((i - k / 2) / N) for k in (0, 1, 2))
+    x = 0.3 + s[:, None] * torch.randn(4, 2, generator=g, dtype=torch.float64)
+    target = gp.two_step_target(D, x, s, s1, s2)
+    D1 = D(x, s)
+    x1 = gp.ddim_step(D1, x, s, s1)
+    D2 = D(x1, s1)
+    x2 = gp.ddim_step(D2, x1, s1, s2)
+    (a, v), (a2, v2) = vp(s), vp(s2)
+    z, z2 = a[:, None] * x, a2[:, None] * x2
+    meng = (z2 - (v2 / v)[:, None] * z) / (a2 - (v2 / v) * a)[:, None]   # Alg. 3, "Teacher x_hat target"
+    torch.testing.assert_close(target, meng, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gp.ddim_step(target, x, s, s2), x2, rtol=1e-12, atol=1e-12)
+    mix = (((1 - s2 / s1)[:, None] * D2 + (s2 / s1 - s2 / s)[:, None] * D1) / (1 - s2 / s)[:, None])
+    torch.testing.assert_close(target, mix, rtol=1e-9, atol=1e-9)
+    # Alg. 3 at i = 1 (t'' = 0): the teacher's second D; Alg. 4 at i = 1 (t' = 0): its first D.
+    one = torch.ones(1, dtype=torch.float64)
+    s, s1 = gp.cosine_sigma(one / N), gp.cosine_sigma(0.5 * one / N)
+    x = torch.randn(1, 2, dtype=torch.float64, generator=g)
+    second_D = D(gp.ddim_step(D(x, s), x, s, s1), s1)
+    torch.testing.assert_close(gp.two_step_target(D, x, s, s1, 0 * one), second_D)
+    torch.testing.assert_close(gp.two_step_target(D, x, s, 0 * one, 0 * one), D(x, s))
+
+
+def test_the_target_keeps_float32_teacher_precision():
+    """x~ = (x'' - r x) / (1 - r) amplifies round-off by 1/(1 - r) ~ 330 near sigma = 1 at N = 1024.
+    With a float32 teacher, our float64 combination stays at float32 precision; the same formula
+    evaluated in float32 is ~1000x worse."""
+    D = solvers.gaussian_denoiser(0.3, 0.5)
+    D32 = lambda x, s, **_: D(x.float(), s.float()).float()  # a float32 teacher
+    N, i = 1024, torch.full((256,), 512.0, dtype=torch.float64)
+    s, s1, s2 = (gp.cosine_sigma((i - k / 2) / N) for k in (0, 1, 2))
+    assert 1 - (s2 / s).max() < 0.004
+    eps = torch.randn(256, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = (0.3 + s[:, None] * eps).float()
+    exact = gp.two_step_target(D, x.double(), s, s1, s2)
+    resolution = torch.finfo(torch.float32).eps * exact.abs().max()
+    assert (gp.two_step_target(D32, x, s, s1, s2).double() - exact).abs().max() < 5 * resolution
+    x1 = gp.ddim_step(D32(x, s), x, s.float(), s1.float())
+    x2 = gp.ddim_step(D32(x1, s1), x1, s1.float(), s2.float())
+    r = (s2 / s).float()[:, None]
+    assert ((x2 - r * x) / (1 - r) - exact).abs().max() > 100 * resolution
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher, student initialisation, weights
+# ------------------------------------------------------------------------------------------------
+
+def test_cfg_teacher_by_hand(teacher):
+    D_w, net = teacher
+    x, s = torch.randn(6, 2), torch.rand(6) + 0.1
+    y = torch.eye(8)[torch.arange(6)]
+    w = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    D_c, D_u = net(x, s, class_labels=y), net(x, s, class_labels=torch.zeros_like(y))
+    expected = (1 + w[:, None]) * D_c - w[:, None] * D_u  # Meng Sec. 2, one w per sample
+    torch.testing.assert_close(D_w(x, s, class_labels=y, guidance=w), expected)
+    assert torch.equal(D_w(x, s, class_labels=y, guidance=0.0), D_c)  # w = 0: the conditional model
+    # Two networks (CIFAR-10: EDM's cond net + its uncond net): the uncond branch is the second net.
+    other = copy.deepcopy(net)
+    torch.nn.init.zeros_(other.model.out.weight)
+    D_u2 = other(x, s, class_labels=None)
+    torch.testing.assert_close(gp.cfg_teacher(net, other)(x, s, class_labels=y, guidance=w),
+                               (1 + w[:, None]) * D_c - w[:, None] * D_u2)
+
+
+def test_student_starts_as_the_conditional_teacher_without_dropout(teacher, tmp_path):
+    _, net = teacher
+    student = gp.make_student(net)
+    x, s, y = torch.randn(5, 2), torch.rand(5) + 0.1, torch.eye(8)[torch.arange(5)]
+    assert torch.equal(student(x, s, class_labels=y, guidance=torch.rand(5) * 4), net(x, s, class_labels=y))
+    # An EDM U-Net (dropout 0.13 in CIFAR-10's nets): the student's blocks drop nothing, also rebuilt.
+    cond = unet.EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
+                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13)
+    student = gp.make_student(cond)
+    xi, yi = torch.randn(2, 3, 8, 8), torch.eye(10)[:2]
+    assert student.training
+    assert torch.equal(student(xi, 1.0, yi, guidance=2.0), student(xi, 1.0, yi, guidance=2.0))
+    assert torch.equal(student.eval()(xi, 1.0, yi, guidance=2.0), cond.eval()(xi, 1.0, yi))
+    unet.save_model(tmp_path / 's.pt', student)
+    rebuilt = unet.load_model(tmp_path / 's.pt')[0].train()
+    assert all(m.dropout == 0 for m in rebuilt.modules() if isinstance(m, unet.UNetBlock))
+
+
+def test_loss_weights_in_sigma_terms():
+    sigma = torch.tensor([0.002, 0.1, 0.5, 1.0, 3.0, 80.0], dtype=torch.float64)
+    sd = 0.5
+    c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    # EDM's lambda makes the loss a plain MSE on the network's raw output: lambda c_out^2 = 1.
+    torch.testing.assert_close(gp.loss_weight('edm', sigma, sd) * c_out ** 2, torch.ones_like(sigma))
+    torch.testing.assert_close(gp.loss_weight('snr', sigma, sd), sigma ** -2)
+    torch.testing.assert_close(gp.loss_weight('snr_trunc', sigma, sd), (sigma ** -2).clamp(min=1))
+    with pytest.raises(ValueError, match='unknown weighting'):
+        gp.loss_weight('v', sigma, sd)
+
+
+def test_stage_two_round_plan_and_errors():
+    cfg = gp.GuidedConfig(start_n=1024)
+    assert gp.rounds(cfg) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]  # App. B.3: 1024 DDIM steps -> 1
+    assert gp.rounds(gp.GuidedConfig(start_n=8, stochastic=True)) == [8, 4, 2]
+    with pytest.raises(ValueError, match='power of two'):
+        gp.rounds(gp.GuidedConfig(start_n=12))
+    with pytest.raises(ValueError, match='cosine'):
+        gp.sample_sigma('uniform', 4, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage one (Alg. 1/2)
+# ------------------------------------------------------------------------------------------------
+
+def weighted_error(net, D_w, w, n=4000, **cond_net_kwargs):
+    """E lambda_edm(sigma) ||net - D_w||^2 over data, noise and t ~ U[0, 1] on the cosine schedule."""
+    g = torch.Generator().manual_seed(123)
+    x0, y = toy.toy_data('ring', n, g)
+    Y = torch.eye(8)[y]
+    s = gp.sample_sigma('cosine', n, g)
+    x = x0 + s[:, None].float() * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        target = D_w(x, s, class_labels=Y, guidance=w)
+        err = (net(x, s, class_labels=Y, **cond_net_kwargs) - target).square().sum(1)
+    return (gp.loss_weight('edm', s, 0.5).float() * err).mean().item()
+
+
+def test_stage_one_student_learns_the_guided_denoiser(teacher, stage1):
+    """The EDM-weighted error to D_w (t ~ U[0, 1]): the student's is 81-172x below the un-distilled
+    conditional model's at w = 1, 2, 4 (seeds 0-2); asserted 20x. At w = 0 the conditional model
+    is exact (no factor); the student's error there (0.06) is as small as at w = 1, 2 (0.03-0.07)."""
+    D_w, net = teacher
+    student, meta, path = stage1
+    errors = {w: weighted_error(student, D_w, w, guidance=w) for w in WS}
+    baseline = {w: weighted_error(net, D_w, w) for w in WS}
+    assert baseline[0.0] == 0
+    for w in WS[1:]:
+        assert errors[w] * 20 < baseline[w], (w, errors[w], baseline[w])
+    assert errors[0.0] * 20 < baseline[1.0]  # at w = 0 as small as elsewhere
+    assert meta['guidance_range'] == [0.0, 4.0] and meta['kind'] == 'guided-stage1' and meta['uncond'] == ''
+    rows = [json.loads(line) for line in open(path.parent / 'stats.jsonl')]
+    assert [r['iteration'] for r in rows] == [200, 400, 600] and rows[-1]['loss'] < rows[0]['loss']
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage two (Alg. 3, Alg. 4) and sampling
+# ------------------------------------------------------------------------------------------------
+
+def test_stage_two_students_beat_ddim_with_cfg_at_equal_nfe(teacher, deterministic, evaluation):
+    """4-, 2- and 1-step students against DDIM-with-CFG at equal NFE (N/2 steps; a 1-step student
+    against 1 CFG step, i.e. twice its NFE), metric A, same noise and labels, w in {0, 1, 2, 4}.
+    Measured ratios (seeds 0-2): 1.5-2.1x at w = 0 (the class-conditional ring is nearly a point
+    per class, so even one step is close), 11-24x at w = 1, 15-44x at w = 2, 6-33x at w = 4.
+    Against DDIM-with-CFG at twice the NFE (N steps) the smallest ratios are 1.5x (w = 0) and 1.7x
+    (w = 1, the 4-step student). Asserted: 1.3x for both."""
+    D_w, _ = teacher
+    z, Y, _, _ = evaluation
+    assert [unet.load_model(p)[1]['N'] for p in deterministic] == [4, 2, 1]
+    for w in WS:
+        ref = gp.guided_reference(D_w, z, w, steps=128, class_labels=Y)
+        for path in deterministic:
+            net, meta = unet.load_model(path)
+            N = meta['N']
+            a = toy.fidelity(gp.sample_student(net, meta, z, w, class_labels=Y), ref)
+            for k in {max(N // 2, 1), N}:  # CFG steps: equal NFE, and twice the NFE
+                base = toy.fidelity(gp.ddim(D_w, z, k, w, class_labels=Y), ref)
+                assert a * 1.3 < base, (w, N, k, a, base)
+
+
+def test_student_file_round_trip_and_sampling(deterministic, evaluation):
+    z, Y, _, _ = evaluation
+    net, meta = unet.load_model(deterministic[0])
+    assert meta['sampling']['t_steps'] == gp.cosine_grid(4).tolist() and meta['stochastic'] is False
+    assert meta['guidance_range'] == [0.0, 4.0] and net.use_guidance_condition
+    counted = Counter(net)
+    x = gp.sample_student(counted, meta, z[:50], 2.0, class_labels=Y[:50])
+    assert counted.calls == 4  # 4 steps, one network call each (DDIM-with-CFG: two)
+    torch.testing.assert_close(x, gp.ddim(net, z[:50], 4, 2.0, class_labels=Y[:50]))
+    # Per-sample guidance strengths give each sample its own w.
+    w = torch.tensor([0.0, 4.0]).repeat(25)
+    x_w = gp.sample_student(net, meta, z[:50], w, class_labels=Y[:50])
+    torch.testing.assert_close(x_w[1::2], gp.ddim(net, z[1:50:2], 4, 4.0, class_labels=Y[1:50:2]))
+
+
+def jump_denoiser(teacher, N):
+    """The ideal Alg. 4 student on the N-step grid: at t = k/N it returns the x-target of its
+    teacher's two steps of 1/N (one step, to 0, at t = 1/N). Sampled with the stochastic sampler
+    it is the chain the stochastic student is trained to reproduce."""
+    grid = gp.cosine_grid(N)
+
+    def D(x, sigma, **cond):
+        k = (grid[None, :] - sigma.double()[:, None]).abs().argmin(1)  # position on the grid
+        at = lambda j: grid[(k + j).clamp(max=N)]
+        return gp.two_step_target(teacher, x, at(0), at(1), at(2), **cond).clone()
+    return D
+
+
+def test_stochastic_stage_two_and_sampler(teacher, stage1, evaluation):
+    """Alg. 4 from the stage-one student: a 4-step teacher grid -> 4 -> 2 stochastic students.
+
+    Each student reproduces its teacher's stochastic chain (same noise, same sampler noise) far
+    better than the teacher's own N-step stochastic chain does (measured 2.9-8.5x at w = 1, 2, 4,
+    seeds 0-2; asserted 2x). How close that chain is to the ODE's distribution is the sampler's
+    business: with 4 steps at w >= 1 it is far even with D_w itself (class-conditional SW2 to the
+    ODE samples 0.21 at w = 1), the 2-step student is close (0.04-0.05). At w = 0 the raw chain
+    is already close to the ideal one, so there is nothing to assert."""
+    D_w, _ = teacher
+    z, Y, _, _ = evaluation
+    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(stage1[2]), 'start_n': 4, 'stochastic': True},
+                          run_dir=str(stage1[2].parent.parent / 'stochastic'))
+    paths = gp.stage_two(cfg, progress=False, log=lambda *a: None)
+    prev = stage1[0]
+    for path in paths:
+        net, meta = unet.load_model(path)
+        N = meta['N']
+        assert meta['stochastic'] and meta['sampling']['solver'] == 'stochastic'
+        assert meta['sampling']['t_steps'] == gp.cosine_grid(N).tolist()
+        gen = lambda: torch.Generator().manual_seed(0)
+        counted = Counter(net)
+        x = gp.sample_student(counted, meta, z, 1.0, gen(), class_labels=Y)
+        assert counted.calls == N and torch.isfinite(x).all()
+        assert torch.equal(x, gp.stochastic(net, z, N, 1.0, gen(), class_labels=Y))  # reproducible
+        for w in WS[1:]:
+            ideal = gp.stochastic(jump_denoiser(prev, N), z, N, w, gen(), class_labels=Y)
+            student = toy.fidelity(gp.stochastic(net, z, N, w, gen(), class_labels=Y), ideal)
+            undistilled = toy.fidelity(gp.stochastic(prev, z, N, w, gen(), class_labels=Y), ideal)
+            assert student * 2 < undistilled, (N, w, student, undistilled)
+        prev = net
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line, continuation and the image code path
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_runs_both_stages_down_to_one_step(teacher, tmp_path):
+    quick = ['--iters', '20', '--round-iters', '5', '--final-round-iters', '5', '--tick', '5', '--quiet']
+    gp.main(['stage1', '--teacher', 'toy:ring', '--run-dir', str(tmp_path / 's1'), *quick])
+    gp.main(['stage2', '--teacher', str(tmp_path / 's1' / 'student.pt'), '--start-n', '4',
+             '--run-dir', str(tmp_path / 's2'), '--eval-n', '0', *quick])
+    assert sorted(p.name for p in (tmp_path / 's2').glob('*.pt')) == ['student-n1.pt', 'student-n2.pt']
+    rows = [json.loads(line) for line in open(tmp_path / 's2' / 'stats.jsonl')]
+    assert [r['stage'] for r in rows] == ['stage2-n2', 'stage2-n1']
+    assert rows[0]['lr'] == pytest.approx(1e-3 / 5)  # the toy's lr, annealed linearly to 0 in 5 updates
+    # A stage-two file continues the chain: its step count becomes start_n.
+    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(tmp_path / 's2' / 'student-n2.pt'), 'round_iters': 2,
+                             'final_round_iters': 2}, run_dir=str(tmp_path / 's3'))
+    assert [unet.load_model(p)[1]['N'] for p in gp.stage_two(cfg, progress=False, log=lambda *a: None)] == [1]
+    with pytest.raises(ValueError, match='stage-one student'):
+        gp.stage_two(gp.GuidedConfig(teacher='toy:ring', run_dir=str(tmp_path / 'x')), log=lambda *a: None)
+
+
+def test_image_teacher_code_path(tmp_path):
+    """A tiny class-conditional U-Net of ours with a separate unconditional net, on labelled
+    uint8 images: both stages run end to end and write students that sample at any w."""
+    kw = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+              attn_resolutions=[4], dropout=0.13)
+    torch.manual_seed(0)
+    unet.save_model(tmp_path / 'cond.pt', unet.EDMPrecond(label_dim=10, **kw))
+    unet.save_model(tmp_path / 'uncond.pt', unet.EDMPrecond(**kw))
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(32) % 10
+    run = dict(device='cpu', batch=4, iters=3, round_iters=2, final_round_iters=2, tick=2)
+    cfg = gp.GuidedConfig(teacher=str(tmp_path / 'cond.pt'), uncond=str(tmp_path / 'uncond.pt'),
+                          run_dir=str(tmp_path / 's1'), **run)
+    net, meta = gp.stage_one(cfg, dataset=(images, labels), progress=False, log=lambda *a: None)
+    assert meta['shape'] == [3, 8, 8] and meta['uncond'].endswith('uncond.pt')
+    paths = gp.stage_two(gp.GuidedConfig(teacher=str(tmp_path / 's1' / 'student.pt'), start_n=4,
+                                         run_dir=str(tmp_path / 's2'), **run), dataset=(images, labels),
+                         progress=False, log=lambda *a: None)
+    student, m = unet.load_model(paths[-1])
+    x = gp.sample_student(student, m, torch.randn(2, 3, 8, 8), 1.5, class_labels=torch.eye(10)[:2])
+    assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
+    cfg = gp.GuidedConfig(teacher=str(tmp_path / 'cond.pt'), uncond='', run_dir=str(tmp_path / 'y'), **run)
+    with pytest.raises(ValueError, match='labels in'):
+        gp.stage_one(cfg, dataset=(images, labels + 5), log=lambda *a: None)
