@@ -322,6 +322,23 @@ def test_grid_folder_and_npz_agree(files, tmp_path):
     assert not [p for p in tmp_path.rglob('*') if '.tmp' in p.name]  # atomic writes leave nothing
 
 
+def test_compile_flag_gives_the_same_images(files, monkeypatch, tmp_path):
+    """--compile wraps the network in torch.compile (here its 'eager' backend: dynamo's graph
+    capture without a C++ toolchain) and generation reads the model's attributes through it."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend='eager')
+    monkeypatch.setattr(torch, 'compile', eager_compile)
+    args = ['--model', str(files / 'cond.pt'), '--seeds', '0-3', '--nfe', '3', '--guidance', '1.5',
+            '--npz', str(tmp_path / 's.npz'), '--quiet']
+    plain = sample.main(args)
+    assert not compiled
+    assert torch.equal(sample.main(args + ['--compile']), plain) and len(compiled) == 1
+
+
 def test_save_grid_is_near_square_and_grayscale_works(tmp_path):
     """ceil(sqrt N) columns and as many rows as needed; one-channel images are written as 'L'."""
     for n, (rows, cols) in {1: (1, 1), 4: (2, 2), 10: (3, 4), 64: (8, 8)}.items():
