@@ -408,13 +408,15 @@ def train(student, loss_fn, iters, cfg, ema, anneal, desc, stats, progress=True)
 
 def _setup(cfg, stage):
     """Fill the stage's defaults (weighting, EMA), create the run folder: (cfg, device, run_dir).
-    The default folder is runs/guided-stage1-<teacher> or runs/guided-stage2-<stage-one folder>."""
+    The default folder is runs/guided-stage1-<teacher> or runs/guided-stage2-<stage-one folder>
+    (with -stochastic for Alg. 4, so both chains of one stage-one student can coexist)."""
     cfg = copy.deepcopy(cfg)
     cfg.weighting = cfg.weighting or ('edm' if stage == 'stage1' else 'snr_trunc')
     cfg.ema = cfg.ema if cfg.ema >= 0 else (0.9999 if stage == 'stage1' else 0.0)
     loss_weight(cfg.weighting, torch.ones(1), 0.5)  # an unknown name fails here, not mid-run
     name = Path(cfg.teacher).parent.name if stage == 'stage2' else cfg.teacher.replace(':', '-')
-    run_dir = Path(cfg.run_dir or f'runs/guided-{stage}-{Path(name).name}')
+    name = Path(name).name + ('-stochastic' if stage == 'stage2' and cfg.stochastic else '')
+    run_dir = Path(cfg.run_dir or f'runs/guided-{stage}-{name}')
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     return cfg, _device(cfg), run_dir
@@ -533,16 +535,16 @@ def toy_table(paths, ws=(0.0, 1.0, 2.0, 4.0), n=2000, seed=0, ref_steps=256):
     rows = ['   w  NFE  sampler                 metric A  SW2 to data  SW2 to teacher']
     row = lambda w, nfe, label, x, ref: (f'{w:4g} {nfe:4d}  {label:<22}  {toy.fidelity(x, ref):8.4f}  '
                                          f'{sw2(x, x_data):11.4f}  {sw2(x, ref):14.4f}')
+    students = [unet.load_model(path) for path in paths]
+    baseline_steps = sorted({k for _, m in students for k in (max(m['N'] // 2, 1), m['N'])}, reverse=True)
     for w in ws:
         ref = guided_reference(D_w, z, w, steps=ref_steps, class_labels=onehot)
-        rows.append(row(w, 0, 'teacher ODE', ref, ref))
-        for path in paths:
-            net, m = unet.load_model(path)
+        rows.append(row(w, 2 * ref_steps, 'teacher ODE (DPM++3M)', ref, ref))
+        for net, m in students:
             x = sample_student(net, m, z, w, torch.Generator().manual_seed(seed), class_labels=onehot)
             rows.append(row(w, m['N'], f'student {m["sampling"]["solver"]} N={m["N"]}', x, ref))
-            for k in sorted({max(m['N'] // 2, 1), m['N']}):  # equal NFE where possible, equal steps
-                x = ddim(D_w, z, k, w, class_labels=onehot)
-                rows.append(row(w, 2 * k, f'DDIM-CFG {k} steps', x, ref))
+        for k in baseline_steps:  # equal NFE (N/2 steps) and equal steps (2N NFE) for each student
+            rows.append(row(w, 2 * k, f'DDIM-CFG {k} steps', ddim(D_w, z, k, w, class_labels=onehot), ref))
     return rows
 
 

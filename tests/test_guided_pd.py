@@ -9,6 +9,7 @@ test's docstring gives the range measured over the three seeds next to what it a
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +230,17 @@ def weighted_error(net, D_w, w, n=4000, **cond_net_kwargs):
     return (gp.loss_weight('edm', s, 0.5).float() * err).mean().item()
 
 
+def test_default_run_folders_keep_both_stage_two_chains_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s1 = gp._setup(gp.GuidedConfig(teacher='toy:ring'), 'stage1')
+    assert s1[0].weighting == 'edm' and s1[0].ema == 0.9999 and s1[2] == Path('runs/guided-stage1-toy-ring')
+    teacher = 'runs/guided-stage1-toy-ring/student.pt'
+    det = gp._setup(gp.GuidedConfig(teacher=teacher), 'stage2')
+    sto = gp._setup(gp.GuidedConfig(teacher=teacher, stochastic=True), 'stage2')
+    assert det[0].weighting == 'snr_trunc' and det[0].ema == 0.0
+    assert det[2] == Path('runs/guided-stage2-guided-stage1-toy-ring') and sto[2] == Path(f'{det[2]}-stochastic')
+
+
 def test_stage_one_student_learns_the_guided_denoiser(teacher, stage1):
     """The EDM-weighted error to D_w (t ~ U[0, 1]): the student's is 81-172x below the un-distilled
     conditional model's at w = 1, 2, 4 (seeds 0-2); asserted 20x. At w = 0 the conditional model
@@ -284,6 +296,18 @@ def test_student_file_round_trip_and_sampling(deterministic, evaluation):
     w = torch.tensor([0.0, 4.0]).repeat(25)
     x_w = gp.sample_student(net, meta, z[:50], w, class_labels=Y[:50])
     torch.testing.assert_close(x_w[1::2], gp.ddim(net, z[1:50:2], 4, 4.0, class_labels=Y[1:50:2]))
+
+
+def test_toy_table_lists_students_and_each_baseline_once(deterministic):
+    """The CLI's evaluation table: per w the teacher, every student, and DDIM-with-CFG at each
+    needed step count once; its metric A column is the same number the samplers give."""
+    rows = gp.toy_table(deterministic, ws=(1.0,), n=160, ref_steps=32)
+    labels = [r[10:34].strip() for r in rows[1:]]
+    assert labels == ['teacher ODE (DPM++3M)', 'student euler N=4', 'student euler N=2', 'student euler N=1',
+                      'DDIM-CFG 4 steps', 'DDIM-CFG 2 steps', 'DDIM-CFG 1 steps']
+    nfe = [int(r[4:9]) for r in rows[1:]]
+    assert nfe == [64, 4, 2, 1, 8, 4, 2]
+    assert float(rows[1].split()[-3]) == 0  # the teacher against itself
 
 
 def jump_denoiser(teacher, N):
