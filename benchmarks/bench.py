@@ -1,0 +1,216 @@
+"""Speed of the hot paths: U-Net forward/backward, one SFD iteration, sampling, FID features.
+
+Prints a table and writes JSON. On a GPU it runs the full CIFAR-10 sizes; on a CPU it runs
+reduced sizes (a quarter-width DDPM++, small batches: the table says which) in a few minutes.
+
+    python benchmarks/bench.py                       # auto device, sizes for it
+    python benchmarks/bench.py --device cuda --compile --json bench.json
+    python benchmarks/bench.py --full                # CIFAR-10 sizes even on a CPU (slow)
+
+FLOPs come from torch.utils.flop_counter (one multiply-add = 2 FLOPs); the achieved fraction of
+peak uses the device's published dense peak for the precision used (PEAKS below), or --peak.
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import distill  # noqa: E402
+import fid  # noqa: E402
+import solvers  # noqa: E402
+import unet  # noqa: E402
+
+# Published dense peaks in TFLOP/s (no sparsity): bf16 tensor cores and fp32 (tf32 off).
+PEAKS = {'H100': {'bf16': 989.0, 'fp32': 67.0}, 'H200': {'bf16': 989.0, 'fp32': 67.0},
+         'A100': {'bf16': 312.0, 'fp32': 19.5}}
+DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+              decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+              model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
+
+
+def timed(fn, device, repeat):
+    """Median seconds of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def flops_of(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device, precision, override):
+    if override:
+        return override
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
+    return next((p[precision] for key, p in PEAKS.items() if key in name), None)
+
+
+def make_unet(channels, device):
+    """EDM's CIFAR-10 DDPM++ (the SFD teacher's architecture), random weights: speed needs none."""
+    return unet.EDMPrecond(img_resolution=32, img_channels=3, **dict(DDPMPP, model_channels=channels)).to(device)
+
+
+def bench_unet(net, batches, device, variants, repeat, peak_override):
+    """(a) images/s of D(x; sigma) forward (inference) and forward + backward (training)."""
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        sigma = torch.full((batch,), 2.0, device=device)
+        for variant in variants:
+            # Each variant is a speed-up that keeps the numbers (tests/test_unet.py checks channels_last;
+            # bf16 is EDM's mixed precision, its preconditioning stays in float32).
+            model = net
+            xin = x.to(memory_format=torch.channels_last) if 'channels_last' in variant else x
+            if 'channels_last' in variant:
+                model = copy.deepcopy(net).to(memory_format=torch.channels_last)
+            if 'compile' in variant:
+                model = torch.compile(model)
+            amp = torch.autocast('cuda', torch.bfloat16, enabled='bf16' in variant)
+
+            def fwd():
+                with torch.inference_mode(), amp:
+                    model(xin, sigma)
+
+            def fwd_bwd():
+                with amp:
+                    model(xin, sigma).float().square().mean().backward()
+            flops = flops_of(lambda: net(x, sigma)) / batch  # per image, one forward (variant-independent)
+            t_f = timed(fwd, device, repeat)
+            model.train()
+            t_fb = timed(fwd_bwd, device, repeat)
+            model.eval()
+            peak = peak_tflops(device, 'bf16' if 'bf16' in variant else 'fp32', peak_override)
+            achieved = flops * batch / t_f / 1e12
+            rows.append(dict(bench='unet', variant=variant, batch=batch, gflop_per_img=flops / 1e9,
+                             fwd_img_s=batch / t_f, fwd_bwd_img_s=batch / t_fb, fwd_tflops=achieved,
+                             fwd_peak_fraction=achieved / peak if peak else None))
+    return rows
+
+
+def bench_sfd(net, batch, device, repeat):
+    """(b) one SFD iteration (CIFAR-10 defaults: DPM-Solver++(3M) teacher, K = 4, 2 NFE + AFS),
+    split into teacher trajectory and student steps, with the counted network calls."""
+    cfg = distill.SFDConfig()
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    student = copy.deepcopy(net).train()
+    calls = {'teacher': 0, 'student': 0}
+
+    def counting(model, key):
+        def D(x, t, **c):
+            calls[key] += 1
+            return model(x, t, **c)
+        return D
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    # The student's NFE + AFS grid and the teacher's K-times refinement of it (SFD Alg. 4, line 5).
+    t_steps = distill.student_schedule(cfg, cfg.nfe)
+    N = len(t_steps) - 1
+    t_teacher = solvers.time_schedule(cfg.K * N, cfg.t_min, cfg.t_max)
+    x_N = cfg.t_max * torch.randn(batch, 3, 32, 32, device=device)
+    T, S = counting(teacher, 'teacher'), counting(student, 'student')
+    targets = distill.teacher_targets(T, x_N, t_teacher, cfg.K, cfg.teacher_solver)
+    t_teach = timed(lambda: distill.teacher_targets(T, x_N, t_teacher, cfg.K, cfg.teacher_solver), device, repeat)
+    t_stud = timed(lambda: distill.sfd_iteration(S, opt, x_N, t_steps, targets, cfg), device, repeat)
+    # Calls per iteration: the teacher ran repeat + 1 times (warm-up) plus once for `targets`, the
+    # student repeat + 1 times; the counts must match SFD's accounting (tests/test_bench.py).
+    runs = repeat + 2
+    return [dict(bench='sfd_iteration', batch=batch, teacher_s=t_teach, student_s=t_stud,
+                 teacher_calls=calls['teacher'] // runs, student_calls=calls['student'] // (repeat + 1),
+                 img_s=batch / (t_teach + t_stud))]
+
+
+def bench_sampling(net, batch, nfe, device, repeat):
+    """(c) images/s of each solver at a fixed NFE (EDM's schedule, t_min = 0.002)."""
+    rows = []
+    z = torch.randn(batch, 3, 32, 32, device=device)
+    for name in solvers.SOLVERS:
+        # One-step solvers end with EDM's Euler step to 0; multistep ones stop at t_min (SFD's code).
+        cfg = dict(solver=name, nfe=nfe, afs=False, schedule='polynomial', rho=7.0, t_min=0.002,
+                   t_max=80.0, ends_at_zero=name in ('heun', 'dpm2', 'euler'))
+        try:
+            solvers.sampling_schedule(cfg)
+        except ValueError:
+            cfg['nfe'] = nfe + 1  # two-call solvers need an odd count when ending at zero
+        with torch.inference_mode():
+            t = timed(lambda: solvers.sample_with(net, z, cfg), device, repeat)
+        rows.append(dict(bench='sampling', solver=name, nfe=cfg['nfe'], batch=batch, img_s=batch / t))
+    return rows
+
+
+def bench_fid(batch, device, repeat, workers):
+    """(d) FID feature extraction images/s (the Inception network, random weights: same cost)."""
+    model = fid.InceptionV3().to(device)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    t = timed(lambda: fid.compute_features(images, model=model, batch_size=batch, num_workers=workers,
+                                           progress=False), device, repeat)
+    flops = flops_of(lambda: model(images[:1].to(device)))
+    return [dict(bench='fid_features', batch=batch, img_s=batch / t, gflop_per_img=flops / 1e9)]
+
+
+def table(rows):
+    """One aligned text table per benchmark (the same rows go to --json)."""
+    out = []
+    for bench in dict.fromkeys(r['bench'] for r in rows):
+        part = [{k: v for k, v in r.items() if k != 'bench'} for r in rows if r['bench'] == bench]
+        cols = list(part[0])
+        cell = lambda v: '-' if v is None else f'{v:.4g}' if isinstance(v, float) else str(v)
+        width = {c: max(len(c), *(len(cell(r[c])) for r in part)) for c in cols}
+        out += [f'\n{bench}', '  '.join(c.rjust(width[c]) for c in cols)]
+        out += ['  '.join(cell(r[c]).rjust(width[c]) for c in cols) for r in part]
+    return '\n'.join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--full', action='store_true', help='CIFAR-10 sizes even on a CPU')
+    p.add_argument('--channels', type=int, help='U-Net width (default: 128 full size, 32 reduced)')
+    p.add_argument('--batches', type=int, nargs='+', help='U-Net batch sizes (default: by device)')
+    p.add_argument('--small-batch', type=int, help='batch of (b)-(d) (default: 128/256/250 on a GPU, 4/8/8 on a CPU)')
+    p.add_argument('--compile', action='store_true', help='also time torch.compile variants')
+    p.add_argument('--peak', type=float, help='device peak TFLOP/s for the fraction column')
+    p.add_argument('--repeat', type=int, default=3)
+    p.add_argument('--json', help='write the rows here')
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    # GPU: EDM's CIFAR-10 sizes. CPU: a quarter-width U-Net and small batches, a few minutes in all.
+    full = args.full or gpu
+    channels = args.channels or (128 if full else 32)
+    batches = args.batches or ([32, 128, 512] if gpu else ([1, 8] if full else [4, 16]))
+    variants = ['fp32', 'channels_last'] + (['bf16', 'bf16+channels_last'] if gpu else [])
+    variants += [v + '+compile' for v in variants] if args.compile else []
+    torch.manual_seed(0)
+    net = make_unet(channels, device).eval()
+    print(f'device: {torch.cuda.get_device_name(device) if gpu else "CPU"} ({torch.get_num_threads()} threads), '
+          f'DDPM++ with model_channels={channels} ({"CIFAR-10 size" if channels == 128 else "reduced width"}), '
+          f'{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters')
+    small = lambda gpu_batch, cpu_batch: args.small_batch or (gpu_batch if gpu else cpu_batch)
+    rows = bench_unet(net, batches, device, variants, args.repeat, args.peak)
+    rows += bench_sfd(net, small(128, 4), device, args.repeat)
+    rows += bench_sampling(net, small(256, 8), 10, device, args.repeat)
+    rows += bench_fid(small(250, 8), device, args.repeat, 2)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == '__main__':
+    main()
