@@ -5,7 +5,7 @@ vanilla trajectory distillation (2 NFE, at the same teacher cost per sample as S
 seed, and prints metric A (mean distance to the teacher's own fine ODE solution from the same
 noise) and the sliced W2 distance to the data, as a markdown table (mean +- std over seeds).
 
-    python benchmarks/toy_results.py --seeds 0 1 2      # ~10 minutes on a 2-core CPU
+    python benchmarks/toy_results.py --seeds 0 1 2      # ~7 minutes on a 2-core CPU
 """
 import argparse
 import sys
