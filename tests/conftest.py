@@ -17,3 +17,15 @@ SHARED_DATA = ROOT.parent / 'shared' / 'data'  # in-house CIFAR-10 zips; absent 
 
 os.environ['SFD_CACHE'] = os.environ.get('SFD_TEST_CACHE') or tempfile.mkdtemp(prefix='sfd-test-cache-')
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class Counter(torch.nn.Module):
+    """Wraps a denoiser network and counts calls (one call = one NFE for the batch)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x, t, **cond):
+        self.calls += 1
+        return self.net(x, t, **cond)

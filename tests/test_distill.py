@@ -18,19 +18,7 @@ import distill
 import solvers
 import toy
 import unet
-from conftest import ROOT
-
-
-class Counter(torch.nn.Module):
-    """Wraps a denoiser network and counts calls (one call = one NFE for the batch)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, x, t, **cond):
-        self.calls += 1
-        return self.net(x, t, **cond)
+from conftest import ROOT, Counter
 
 
 @pytest.fixture(scope='session')

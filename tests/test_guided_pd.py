@@ -18,23 +18,12 @@ import guided_pd as gp
 import solvers
 import toy
 import unet
+from conftest import Counter
 
 WS = (0.0, 1.0, 2.0, 4.0)
 # Scaled-down runs: 600 updates of batch 128 for stage one and per stage-two round.
 RUN = dict(teacher='toy:ring', uncond='', device='cpu', seed=0, lr=1e-3, batch=128, ema=0.99,
            iters=600, round_iters=600, final_round_iters=600, tick=200)
-
-
-class Counter(torch.nn.Module):
-    """Wraps a denoiser and counts its calls (one call = one NFE for the batch)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, x, t, **cond):
-        self.calls += 1
-        return self.net(x, t, **cond)
 
 
 @pytest.fixture(scope='session')
