@@ -539,7 +539,7 @@ def toy_table(paths, ws=(0.0, 1.0, 2.0, 4.0), n=2000, seed=0, ref_steps=256):
     baseline_steps = sorted({k for _, m in students for k in (max(m['N'] // 2, 1), m['N'])}, reverse=True)
     for w in ws:
         ref = guided_reference(D_w, z, w, steps=ref_steps, class_labels=onehot)
-        rows.append(row(w, 2 * ref_steps, 'teacher ODE (DPM++3M)', ref, ref))
+        rows.append(row(w, 2 * (ref_steps + 1), 'teacher ODE (DPM++3M)', ref, ref))  # + the step to 0
         for net, m in students:
             x = sample_student(net, m, z, w, torch.Generator().manual_seed(seed), class_labels=onehot)
             rows.append(row(w, m['N'], f'student {m["sampling"]["solver"]} N={m["N"]}', x, ref))
@@ -592,7 +592,7 @@ HELP = {
     'final_round_iters': 'updates for the 2- and 1-step students (paper 100000; toy: 2000)',
     'lr': 'Adam lr (official 1e-4 both stages; paper text says 1e-3 for stage one; toy: 1e-3)',
     'batch': 'batch size (paper 128; toy: 256)',
-    'ema': 'EMA decay; -1 = 0.9999 for stage one (paper), none for stage two (paper; toy stage one: 0.99)',
+    'ema': 'EMA decay; -1 = 0.9999 for stage one (paper), none for stage two (paper); toy: 0.99 in both stages',
     'stochastic': 'stage two for the stochastic N-step sampler (Alg. 4)',
     'data': "x ~ D: 'cifar10' or an image zip/folder (toy teachers use their own data)",
     'w_min': "guidance range [w_min, w_max] of stage one (paper [0, 4]); stage two keeps its teacher's",

@@ -73,6 +73,7 @@ def bench_unet(net, batches, device, variants, repeat, peak_override):
     for batch in batches:
         x = torch.randn(batch, 3, 32, 32, device=device)
         sigma = torch.full((batch,), 2.0, device=device)
+        flops = flops_of(lambda: net(x, sigma)) / batch  # per image, one forward (the same for every variant)
         for variant in variants:
             # Each variant is a speed-up that keeps the numbers (tests/test_unet.py checks channels_last;
             # bf16 is EDM's mixed precision, its preconditioning stays in float32).
@@ -91,7 +92,6 @@ def bench_unet(net, batches, device, variants, repeat, peak_override):
             def fwd_bwd():
                 with amp:
                     model(xin, sigma).float().square().mean().backward()
-            flops = flops_of(lambda: net(x, sigma)) / batch  # per image, one forward (variant-independent)
             t_f = timed(fwd, device, repeat)
             model.train()
             t_fb = timed(fwd_bwd, device, repeat)

@@ -288,14 +288,14 @@ def test_student_file_round_trip_and_sampling(deterministic, evaluation):
 
 
 def test_toy_table_lists_students_and_each_baseline_once(deterministic):
-    """The CLI's evaluation table: per w the teacher, every student, and DDIM-with-CFG at each
-    needed step count once; its metric A column is the same number the samplers give."""
+    """The CLI's evaluation table: per w the teacher (its reference solve: 33 CFG evaluations, the
+    step to 0 included), every student, and DDIM-with-CFG at each needed step count once."""
     rows = gp.toy_table(deterministic, ws=(1.0,), n=160, ref_steps=32)
     labels = [r[10:34].strip() for r in rows[1:]]
     assert labels == ['teacher ODE (DPM++3M)', 'student euler N=4', 'student euler N=2', 'student euler N=1',
                       'DDIM-CFG 4 steps', 'DDIM-CFG 2 steps', 'DDIM-CFG 1 steps']
     nfe = [int(r[4:9]) for r in rows[1:]]
-    assert nfe == [64, 4, 2, 1, 8, 4, 2]
+    assert nfe == [66, 4, 2, 1, 8, 4, 2]
     assert float(rows[1].split()[-3]) == 0  # the teacher against itself
 
 
