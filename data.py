@@ -69,6 +69,20 @@ def _check(path: Path, sha256, url, delete: bool):
                          f'{"The file was deleted; try again." if delete else "Replace the file."}')
 
 
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary name beside `path`, then rename it onto `path`: readers see
+    no file, the old file or the whole new one, never half of one; nothing is left on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def download(url, sha256=None, cache_dir=None) -> Path:
     """Return a local path for `url`, downloading it into the cache on first use.
 

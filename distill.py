@@ -19,22 +19,22 @@ SFD under classifier-free guidance (Sec. 3.4) is the same loop with random class
     torchrun --nproc_per_node=4 distill.py    # data-parallel
 """
 
-import argparse
 import copy
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
+import data
+import models
 import solvers
-import toy  # also registers the toy MLP, so toy teachers and students load
-import unet
+import toy
 
 # ---------------------------------------------------------------------------------------------
 # Settings: SFD Table 6 (CIFAR-10) and the official launch script
@@ -47,7 +47,7 @@ LOSSES = ('l1', 'l2', 'pseudo_huber', 'lpips', 'l1+lpips')
 @dataclass
 class SFDConfig:
     """Everything a distillation run needs; the defaults are SFD Table 6 for CIFAR-10."""
-    teacher: str = 'cifar10-32x32-uncond-vp'  # EDM preset/.pkl/URL, a student file, or toy:<name>
+    teacher: str = 'cifar10-32x32-uncond-vp'  # any models.load spec (a student file: second stage)
     method: str = 'sfd'                  # sfd | sfd-v | second-stage | vanilla
     nfe: int = 2                         # student NFE (sfd, vanilla); second stage: 1
     nfe_list: tuple = (2, 3, 4, 5)       # SFD-v: the list L of Alg. 6, as NFE
@@ -61,7 +61,7 @@ class SFDConfig:
     loss: str = 'l1'                     # l1 | l2 | pseudo_huber | lpips | l1+lpips
     lr: float = 5e-5                     # Adam(0.9, 0.999), divided by 10 half-way
     batch: int = 128                     # total over all processes
-    kimg: float = 200.0                  # thousands of teacher trajectories (200K = 1563 iters)
+    kimg: float = 200.0                  # thousands of teacher trajectories (200K = 1563 iters; SFD-v 800)
     data: str = 'cifar10'                # vanilla only: where the x_0 come from
     seed: int = 0
     run_dir: str = 'runs'
@@ -74,10 +74,13 @@ class SFDConfig:
 # Toy teachers are fresh MLPs, not pretrained UNets: a larger lr suits them (SFD's 5e-5 was tuned
 # for fine-tuning EDM networks), and they are cheap enough for larger batches.
 TOY_DEFAULTS = dict(lr=5e-4, batch=256, kimg=100.0, tick_kimg=5.0, snapshot_kimg=50.0)
-# The official second-stage recipe (launch.sh): 2000K trajectories, lr 10x, K = M + 1 = 3. The
-# paper's text says K = 2; we follow the code: with K = 3 the 1-NFE student's teacher is the
-# first-stage student at 2 * 3 - 1 = 5 NFE, which every SFD-v model of Table 7 was trained at.
-SECOND_STAGE_DEFAULTS = dict(nfe=1, K=3, lr=5e-4, kimg=2000.0)
+# Per-method recipes of the official launch script: SFD-v trains 800K trajectories (200K per NFE,
+# Table 7). The second stage: 2000K trajectories, lr 10x, K = M + 1 = 3. The paper's text says
+# K = 2; we follow the code: with K = 3 the 1-NFE student's teacher is the first-stage student at
+# 2 * 3 - 1 = 5 NFE, which every SFD-v model of Table 7 was trained at. Vanilla (Alg. 3) needs a
+# single-step teacher solver over the K sub-steps of one interval.
+METHOD_DEFAULTS = {'sfd': {}, 'sfd-v': dict(kimg=800.0), 'second-stage': dict(nfe=1, K=3, lr=5e-4, kimg=2000.0),
+                   'vanilla': dict(teacher_solver='dpm2')}
 
 
 def step_value(nfe, afs):
@@ -129,15 +132,11 @@ def load_lpips(device):
 # One training iteration of each method
 # ---------------------------------------------------------------------------------------------
 
-def autocast(device):
-    """bf16 autocast on CUDA (EDMPrecond keeps its preconditioning in float32); off on a CPU."""
-    return torch.autocast('cuda', dtype=torch.bfloat16, enabled=torch.device(device).type == 'cuda')
-
 
 def teacher_targets(teacher, x_N, t_teacher, K, solver, afs=False, **cond):
     """SFD Alg. 4, line 5 for every n at once: one teacher solve over the student grid refined
     K times; its states at every K-th timestamp are the targets x~_{N-1}, ..., x~_0."""
-    with torch.inference_mode(), autocast(x_N.device):
+    with torch.inference_mode(), cli.autocast(x_N.device):
         traj = solvers.sample(teacher, x_N, t_teacher, solver, afs=afs, trajectory=True, **cond)
     return traj[K::K].clone()  # clone: out of inference mode, usable as loss targets
 
@@ -159,7 +158,7 @@ def sfd_iteration(student, optimizer, x_N, t_steps, targets, cfg, lpips=None, ch
             losses.append(per_sample_loss('l1', x, targets[i]).mean().item())  # logged only
             continue
         optimizer.zero_grad(set_to_none=True)
-        with autocast(x.device):
+        with cli.autocast(x.device):
             x_pred = solvers.euler_step(student, x, t_cur, t_next, **cond)  # Alg. 4, line 4 (Eq. 6)
         loss = per_sample_loss(cfg.loss, x_pred, targets[i], lpips).mean()  # line 6: d(x^psi_n, x~_n)
         loss.backward()
@@ -191,11 +190,11 @@ def vanilla_iteration(student, teacher, optimizer, x0, t_steps, t_teacher, cfg, 
         sel = (i == k).to(x.device)
         sub = {c: v[sel] if torch.is_tensor(v) and v.ndim and len(v) == len(x) else v for c, v in cond.items()}
         sub.pop('step', None)  # the teacher takes no step condition
-        with torch.inference_mode(), autocast(x.device):
+        with torch.inference_mode(), cli.autocast(x.device):
             target[sel] = solvers.sample(teacher, x[sel], t_teacher[K * k:K * (k + 1) + 1],
                                          cfg.teacher_solver, **sub).clone()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(x.device):
+    with cli.autocast(x.device):
         x_pred = solvers.euler_step(student, x, t_cur, t_next, **cond)           # line 4
     loss = per_sample_loss(cfg.loss, x_pred, target, lpips).mean()              # line 6
     loss.backward()
@@ -206,39 +205,16 @@ def vanilla_iteration(student, teacher, optimizer, x0, t_steps, t_teacher, cfg, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Teachers and students
+# Settings: defaults per teacher and method, and checks before anything slow starts
 # ---------------------------------------------------------------------------------------------
 
-def load_teacher(spec, device):
-    """(teacher network in eval mode, its metadata). `spec`: toy:<name>, one of our model files
-    (a first-stage student for the second stage), or anything `unet.load_edm` accepts."""
-    if spec.startswith('toy:'):  # toy:<name> or toy:<name>:cond (trained once, then cached)
-        name, _, cond = spec[4:].partition(':')
-        net, meta = toy.toy_teacher(name, cond=cond == 'cond', device=device)
-    elif Path(spec).suffix in ('.pt', '.pth') and Path(spec).is_file():
-        net, meta = unet.load_model(spec, device=device)
-    else:
-        net, meta = unet.load_edm(spec, device=device), {'source': spec}
-    return net.eval().requires_grad_(False), meta
-
-
-def toy_lineage(spec):
-    """The toy data set behind a teacher spec: toy:<name>[:cond], or a student file distilled
-    from one (its metadata names its teacher); None for image models."""
-    if spec.startswith('toy:'):
-        return spec[4:].split(':')[0]
-    if Path(spec).suffix == '.pt' and Path(spec).is_file():  # mmap: the metadata, not the weights
-        meta = torch.load(spec, map_location='cpu', weights_only=True, mmap=True).get('meta', {})
-        return toy_lineage(meta.get('teacher', ''))
-    return None
+RESUMABLE = ('kimg', 'tick_kimg', 'snapshot_kimg', 'device', 'compile', 'run_dir')  # may change on resume
 
 
 def apply_defaults(cfg, explicit=()):
-    """Fill settings the user did not set with the toy or second-stage recipes."""
-    changes = dict(SECOND_STAGE_DEFAULTS) if cfg.method == 'second-stage' else {}
-    if cfg.method == 'vanilla':
-        changes['teacher_solver'] = 'dpm2'  # Alg. 3 needs a single-step solver over the K sub-steps
-    if toy_lineage(cfg.teacher):
+    """Fill the settings the user did not give with the method's and (toy teachers) the toy recipe."""
+    changes = dict(METHOD_DEFAULTS.get(cfg.method, {}))
+    if models.toy_world(cfg.teacher):
         changes.update(TOY_DEFAULTS)
     elif cfg.method == 'second-stage':  # Sec. 4.2: L1 + LPIPS for images, when piq is installed
         try:
@@ -252,12 +228,72 @@ def apply_defaults(cfg, explicit=()):
     return cfg
 
 
+def validate(cfg, world=1):
+    """One clear error for any setting that cannot work, naming its flag (no teacher is loaded yet)."""
+    def need(ok, flag, what):
+        if not ok:
+            raise ValueError(f'--{flag.replace("_", "-")} {getattr(cfg, flag)!r}: {what}')
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    need(cfg.method in METHODS, 'method', f'choose one of {", ".join(METHODS)}')
+    need(cfg.loss in LOSSES, 'loss', f'choose one of {", ".join(LOSSES)}')
+    need(cfg.teacher_solver in solvers.SOLVERS, 'teacher_solver', f'choose one of {", ".join(solvers.SOLVERS)}')
+    need(cfg.schedule in solvers.SCHEDULES, 'schedule', f'choose one of {", ".join(solvers.SCHEDULES)}')
+    need(cfg.nfe >= 1, 'nfe', 'the student needs at least one network call')
+    need(len(cfg.nfe_list) > 0 and min(cfg.nfe_list) >= 1, 'nfe_list', 'give NFE >= 1, e.g. 2,3,4,5')
+    need(cfg.K >= 1, 'K', 'the teacher takes K >= 1 steps per student step')
+    need(finite(cfg.lr) and cfg.lr > 0, 'lr', 'the learning rate must be positive')
+    need(cfg.batch >= 1, 'batch', 'the batch must hold at least one trajectory')
+    need(cfg.batch % world == 0, 'batch', f'must split evenly over the {world} processes')
+    for flag in ('kimg', 'tick_kimg', 'snapshot_kimg'):
+        need(finite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, 'must be positive (thousands of trajectories)')
+    need(finite(cfg.t_min) and cfg.t_min > 0, 't_min', 'need 0 < t_min < t_max')
+    need(finite(cfg.t_max) and cfg.t_max > cfg.t_min, 't_max', 'need 0 < t_min < t_max < inf')
+    need(finite(cfg.rho) and cfg.rho > 0, 'rho', 'must be positive')
+    need(cfg.seed >= 0, 'seed', 'must be a non-negative integer')
+    cli.device(cfg.device)  # e.g. --device cuda without a GPU
+    if cfg.method == 'vanilla':
+        need(cfg.teacher_solver in ('euler', 'heun', 'dpm2'), 'teacher_solver',
+             'vanilla distillation (Alg. 3) needs a single-step solver over K sub-steps: euler, heun or dpm2')
+    return cfg
+
+
+def resumed_config(run_dir, cfg, explicit=None):
+    """The stored run's settings, with the given ones that may change on resume (RESUMABLE, e.g. a
+    larger --kimg extends the run, moving the lr switch to half of the new total). Any other
+    given setting that differs from the stored run is refused, naming it."""
+    path = Path(run_dir) / 'training-state.pt'
+    if not path.is_file():
+        raise ValueError(f'--resume {run_dir}: no training-state.pt there (is it a run folder of distill.py?)')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        stored = SFDConfig(**{**state['config'], 'nfe_list': tuple(state['config']['nfe_list'])})
+    except Exception as e:
+        raise ValueError(f'--resume {run_dir}: {path} is unreadable ({type(e).__name__}: {e}); '
+                         'the run cannot be continued from it') from e
+    given = explicit if explicit is not None else {f for f in asdict(cfg)}
+    conflicts = [f for f in given if f not in RESUMABLE and getattr(cfg, f) != getattr(stored, f)]
+    if conflicts:
+        raise ValueError(f'--resume {run_dir}: the run was made with ' + ', '.join(
+            f'--{f.replace("_", "-")} {getattr(stored, f)!r}' for f in sorted(conflicts)) +
+            f'; only {", ".join("--" + f.replace("_", "-") for f in RESUMABLE)} may change on resume')
+    for f in given:
+        if f in RESUMABLE and f != 'run_dir':
+            setattr(stored, f, getattr(cfg, f))
+    stored.run_dir = str(run_dir)
+    return stored, state
+
+
+def default_run_name(cfg):
+    return f'{cfg.method}-{cfg.teacher.replace(":", "-").replace("/", "_")}-nfe{cfg.nfe}'.replace('..', '')
+
+
 def second_stage_setup(cfg, teacher_meta):
     """Alg. 7: the teacher is a first-stage student sampled with Euler at a trained NFE; the new
     student lives on the same (schedule, t_min, t_max, AFS) grid so the two grids nest."""
     s = teacher_meta.get('sampling')
-    if not s or s.get('solver') != 'euler':
-        raise ValueError('the second stage needs a first-stage SFD/SFD-v student file (--teacher X.pt)')
+    if 'method' not in teacher_meta or s.get('solver') != 'euler':
+        raise ValueError(f'--teacher {cfg.teacher}: the second stage needs a first-stage SFD/SFD-v '
+                         'student file (runs/<run>/student.pt)')
     for k in ('schedule', 'rho', 't_min', 't_max', 'afs'):
         setattr(cfg, k, s[k])
     N_teacher = cfg.K * (cfg.nfe + int(cfg.afs))
@@ -270,196 +306,287 @@ def second_stage_setup(cfg, teacher_meta):
     return teacher_nfe, ({} if step is None else {'step': step})
 
 
-def sampling_config(cfg, student):
-    """How to sample the student (stored in its file; Alg. 8 needs nothing else)."""
-    nfe = list(cfg.nfe_list) if cfg.method == 'sfd-v' else cfg.nfe
+def sampling_recipe(cfg, student):
+    """How to sample the student (stored in its file; Alg. 8 needs nothing else): Euler over its
+    own schedule, with AFS and, for SFD-v, the step condition of every trained NFE."""
+    nfes = list(cfg.nfe_list) if cfg.method == 'sfd-v' else [cfg.nfe]
     has_step = getattr(student, 'use_step_condition', False)
-    nfes = nfe if isinstance(nfe, list) else [nfe]
-    return dict(solver='euler', nfe=nfe, afs=cfg.afs, schedule=cfg.schedule, rho=cfg.rho,
-                t_min=cfg.t_min, t_max=cfg.t_max,
-                step_values={str(n): step_value(n, cfg.afs) for n in nfes} if has_step else None)
+    return solvers.Recipe('euler', nfes if cfg.method == 'sfd-v' else cfg.nfe, afs=cfg.afs, schedule=cfg.schedule,
+                          rho=cfg.rho, t_min=cfg.t_min, t_max=cfg.t_max, ends_at_zero=False,
+                          step_values={str(n): step_value(n, cfg.afs) for n in nfes} if has_step else None)
+
+
+def lr_at(cfg, nimg, total):
+    """The official schedule: lr until half of the trajectories are used, then lr / 10. The
+    official loop checks after an iteration's updates whether the images seen before it reached
+    half, so the switch takes effect one iteration after the one that crosses total / 2."""
+    return cfg.lr / 10 if nimg - cfg.batch >= total / 2 else cfg.lr
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: set-up, conditions, snapshots, logs (the loop itself is `distill` below)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a distillation run holds between iterations."""
+    cfg: SFDConfig
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    teacher: object             # frozen, eval mode (its compiled form with --compile)
+    student: torch.nn.Module    # the trained network (what the files hold)
+    model: object               # what the loop calls: the student, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator        # every random draw of the loop, for the global batch
+    shape: list
+    label_dim: int
+    teacher_cond: dict = field(default_factory=dict)  # second stage: the teacher's step condition
+    lpips: object = None
+    data: tuple = (None, None)  # vanilla: x_0 and labels
+    it: int = 0
+    nimg: int = 0
+
+
+def setup(cfg, state=None):
+    """Build a Run: device and processes, the frozen teacher, the student as its exact copy
+    (SFD Alg. 4: psi = theta; SFD-v adds the zero-initialised step condition, Alg. 6), Adam, and
+    from a training state everything needed to continue bit for bit."""
+    rank, world, device = cli.init_distributed(cli.device(cfg.device))
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    torch.manual_seed(cfg.seed)  # new layers (SFD-v's step embedding) start alike on every rank
+    teacher, meta = cli.rank_zero_first(lambda: models.load(cfg.teacher, device))
+    teacher_cond = {}
+    if cfg.method == 'second-stage':
+        teacher_cond = second_stage_setup(cfg, meta)[1]
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.method == 'sfd-v' and not getattr(student, 'use_step_condition', False):
+        student.enable_step_condition()  # Alg. 6, "Initialize": zero-initialised, an exact no-op
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    torch.manual_seed(cfg.seed * world + rank)  # dropout: a different stream on every rank
+    # Every random draw of the loop is made for the global batch from one generator shared by all
+    # ranks (same seed), and each rank takes its slice: a G-process run sees exactly the samples
+    # of a 1-process run with the same total batch. Its state and the global one are saved.
+    run = Run(cfg, device, rank, world, Path(cfg.run_dir), teacher, student, student, optimizer,
+              torch.Generator().manual_seed(cfg.seed), meta['shape'], getattr(teacher, 'label_dim', 0),
+              teacher_cond, load_lpips(device) if 'lpips' in cfg.loss else None)
+    if cfg.method == 'vanilla':
+        run.data = vanilla_data(cfg)
+    if state is not None:
+        student.load_state_dict(state['student'])
+        optimizer.load_state_dict(state['optimizer'])
+        run.it, run.nimg = state['iteration'], state['nimg']
+        run.gen.set_state(state['generator'])
+        torch.set_rng_state(state['torch_rng'][rank])
+    if world > 1:
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == 'cuda' else None,
+            find_unused_parameters=True)  # e.g. EDM's map_augment, unused without augment labels
+    if cfg.compile:  # same numerics, fused kernels; the files still hold the plain networks
+        run.model, run.teacher = torch.compile(run.model), torch.compile(teacher)
+    return run
+
+
+def vanilla_data(cfg):
+    """Alg. 3's data x_0 (and labels): the toy's own data set, or images scaled to [-1, 1]."""
+    name = models.toy_world(cfg.teacher)
+    if name:
+        return toy.toy_data(name, 20_000, generator=torch.Generator().manual_seed(cfg.seed))
+    x, y = data.load_images(cfg.data)
+    return data.to_float(x), y
+
+
+def draw_conditions(run, nfe, lo, hi):
+    """(teacher's, student's) conditions for this iteration: random labels of a class-conditional
+    teacher at guidance scale 1 (Sec. 3.4), and SFD-v's step condition for the student."""
+    cond = {}
+    if run.label_dim:
+        y = torch.randint(run.label_dim, (run.cfg.batch,), generator=run.gen)[lo:hi]
+        cond['class_labels'] = torch.eye(run.label_dim, device=run.device)[y.to(run.device)]
+    use_step = getattr(run.student, 'use_step_condition', False)
+    return cond, dict(cond, **({'step': step_value(nfe, run.cfg.afs)} if use_step else {}))
+
+
+def check_finite(run):
+    """A check for every update: a non-finite loss or gradient stops the run, saying where."""
+    def check(loss, step):
+        grads = [p.grad for p in run.student.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else 0
+        if not (torch.isfinite(loss) and torch.isfinite(torch.as_tensor(norm))):
+            raise FloatingPointError(f'non-finite loss or gradient at iteration {run.it}, student step {step} '
+                                     f'(loss {loss.item():g}); lower --lr or check the teacher')
+    return check
+
+
+def save_snapshot(run):
+    """Atomic snapshot: the student with its sampling recipe, and the training state (weights,
+    Adam, counters, every random state) from which `--resume` continues bit for bit."""
+    rngs = [torch.get_rng_state()]
+    if run.world > 1:
+        rngs = [torch.empty_like(rngs[0]) for _ in range(run.world)]
+        dist.all_gather(rngs, torch.get_rng_state())
+    if run.rank != 0:
+        return
+    cfg = _plain(asdict(run.cfg))
+    models.save_model(run.run_dir / 'student.pt', run.student, sampling=sampling_recipe(run.cfg, run.student),
+                      method=run.cfg.method, teacher=run.cfg.teacher, kimg=run.nimg / 1000,
+                      shape=list(run.shape), config=cfg)
+    st = dict(student=run.student.state_dict(), optimizer=run.optimizer.state_dict(), iteration=run.it,
+              nimg=run.nimg, generator=run.gen.get_state(), torch_rng=rngs, config=cfg)
+    data.atomic_write(run.run_dir / 'training-state.pt', lambda tmp: torch.save(st, tmp))
+
+
+def open_stats(run):
+    """stats.jsonl for appending, cut back to the resumed iteration (rows written after the last
+    snapshot would otherwise repeat); None on other ranks."""
+    if run.rank != 0:
+        return None
+    path = run.run_dir / 'stats.jsonl'
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get('iteration', 0) <= run.it]
+        data.atomic_write(path, lambda tmp: tmp.write_text(''.join(line + '\n' for line in keep)))
+    return open(path, 'a')
+
+
+def stop_requested(flag, run):
+    """Whether any process got SIGINT/SIGTERM (all ranks stop at the same iteration)."""
+    if run.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # ---------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------
 
-def _init_distributed(device):
-    """torchrun sets WORLD_SIZE/RANK; a single process needs no launcher."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if torch.device(device).type == 'cuda' else 'gloo')
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, log=print, on_tick=None):
-    """Run one distillation; returns (student, summary). Writes cfg.run_dir/{stats.jsonl,
-    student.pt, training-state.pt}. `resume` is a run directory to continue;
-    `stop_at_iteration` ends early after writing the training state (an interruption);
-    `on_tick(row, student)` is called with every stats row (e.g. to evaluate learning curves)."""
-    device = torch.device(cfg.device if cfg.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
-    rank, world = _init_distributed(device)
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    if cfg.method not in METHODS:
-        raise ValueError(f'unknown method {cfg.method!r}; choose one of {METHODS}')
-    if cfg.batch % world:
-        raise ValueError(f'batch {cfg.batch} does not split over {world} processes')
-    run_dir = Path(resume or cfg.run_dir)
+def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, log=print, on_tick=None,
+            explicit=None):
+    """Run one distillation; returns (student, summary). Writes run_dir/{stats.jsonl, student.pt,
+    training-state.pt}; an empty cfg.run_dir means a new numbered folder under runs/. `resume`
+    continues a run folder (settings as `resumed_config` allows; `explicit` names the settings
+    the caller chose, default all); `stop_at_iteration` ends early after a snapshot (an
+    interruption); `on_tick(row, student)` sees every stats row."""
     state = None
     if resume:
-        state = torch.load(run_dir / 'training-state.pt', map_location='cpu', weights_only=True)
-        cfg = SFDConfig(**{**state['config'], 'nfe_list': tuple(state['config']['nfe_list'])})
+        cfg, state = resumed_config(resume, cfg, explicit)
+    cfg = validate(copy.deepcopy(cfg), cli.world_size())
+    if not cfg.run_dir:
+        cfg.run_dir = str(cli.new_run_dir('runs', default_run_name(cfg)))
+    elif not resume:
+        cli.check_fresh_run_dir(cfg.run_dir)
+    run = setup(cfg, state)
+    total, lo, hi = int(cfg.kimg * 1000), run.rank * cfg.batch // run.world, (run.rank + 1) * cfg.batch // run.world
+    if run.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        log(describe(cfg, run))
+    lock = cli.RunLock(run.run_dir) if run.rank == 0 else _Nothing()
+    with lock, cli.StopOnSignal() as signals, (open_stats(run) or _Nothing()) as stats:
+        bar = tqdm(total=total, initial=run.nimg, unit='img', unit_scale=True, desc=cfg.method,
+                   disable=not progress or run.rank != 0)
+        ticks = Ticks(run, stats, on_tick)
+        check, costs, interrupted = check_finite(run), dict(teacher_nfe=0, student_calls=0), False
+        while run.nimg < total:
+            # SFD-v (Alg. 6, line 1): this iteration's NFE; its schedule, K times refined for the teacher.
+            nfe = cfg.nfe_list[int(torch.randint(len(cfg.nfe_list), (), generator=run.gen))] \
+                if cfg.method == 'sfd-v' else cfg.nfe
+            t_steps = student_schedule(cfg, nfe)
+            N = len(t_steps) - 1
+            t_teacher = solvers.time_schedule(cfg.K * N, cfg.t_min, cfg.t_max, cfg.schedule, cfg.rho)
+            cond, student_cond = draw_conditions(run, nfe, lo, hi)
+            for group in run.optimizer.param_groups:
+                group['lr'] = lr_at(cfg, run.nimg, total)
+            if cfg.method == 'vanilla':
+                # Alg. 3, line 1: a batch of data x_0 (with its labels for a conditional teacher).
+                x_all, y_all = run.data
+                pick = torch.randint(len(x_all), (cfg.batch,), generator=run.gen)[lo:hi]
+                if run.label_dim and y_all is not None:
+                    student_cond['class_labels'] = torch.eye(run.label_dim, device=run.device)[y_all[pick].to(run.device)]
+                losses = vanilla_iteration(run.model, run.teacher, run.optimizer, x_all[pick].to(run.device), t_steps,
+                                           t_teacher, cfg, run.gen, (lo, hi, cfg.batch), run.lpips, check, **student_cond)
+                costs['teacher_nfe'] += cfg.K * solvers.nfe(cfg.teacher_solver, 1)  # K sub-steps, one interval
+                costs['student_calls'] += 1
+            else:
+                # Alg. 4, line 1: x_N = x~_N ~ N(0, t_max^2 I).
+                x_N = cfg.t_max * torch.randn([cfg.batch, *run.shape], generator=run.gen)[lo:hi].to(run.device)
+                # Alg. 4, line 5 for every n at once: the teacher's trajectory over the refined grid
+                # (Alg. 7: the second stage's teacher is a first-stage student sampled with Euler).
+                second = cfg.method == 'second-stage'
+                solver = 'euler' if second else cfg.teacher_solver
+                targets = teacher_targets(run.teacher, x_N, t_teacher, cfg.K, solver, afs=cfg.afs and second,
+                                          **cond, **run.teacher_cond)
+                # Alg. 4, lines 3-7: one student step and one update per interval, from its own detached output.
+                losses = sfd_iteration(run.model, run.optimizer, x_N, t_steps, targets, cfg, run.lpips, check,
+                                       **student_cond)
+                costs['teacher_nfe'] += solvers.nfe(solver, cfg.K * N, cfg.afs and second)
+                costs['student_calls'] += N - int(cfg.afs)
+            run.it, run.nimg = run.it + 1, run.nimg + cfg.batch
+            bar.update(cfg.batch)
+            bar.set_postfix_str(' '.join(f'{v:.3g}' for v in losses))
+            interrupted = stop_requested(signals.requested, run)
+            done = run.nimg >= total or interrupted or (stop_at_iteration is not None and run.it >= stop_at_iteration)
+            ticks.add(losses, nfe, done)
+            if done or run.nimg >= ticks.next_snapshot:
+                save_snapshot(run)
+                ticks.next_snapshot += int(cfg.snapshot_kimg * 1000)
+            if done:
+                break
+        bar.close()
+    run.student.eval()
+    summary = dict(iterations=run.it, kimg=run.nimg / 1000, run_dir=str(run.run_dir), **costs)
+    if run.rank == 0 and interrupted:
+        log(f'stopped at iteration {run.it} ({run.nimg / 1000:g} kimg); continue with --resume {run.run_dir}')
+        raise KeyboardInterrupt
+    if run.rank == 0:
+        log(f'done: {run.it} iterations, {run.nimg / 1000:g} kimg; student written to {run.run_dir / "student.pt"}')
+    return run.student, summary
 
-    torch.manual_seed(cfg.seed)  # new layers (SFD-v's step embedding) start alike on every rank
-    # The teacher, frozen; the student, an exact copy of it (SFD Alg. 4: psi = theta).
-    teacher, teacher_meta = load_teacher(cfg.teacher, device)
-    cond_extra, teacher_nfe = {}, None
-    if cfg.method == 'second-stage':
-        teacher_nfe, cond_extra = second_stage_setup(cfg, teacher_meta)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    if cfg.method == 'sfd-v' and not getattr(student, 'use_step_condition', False):
-        student.enable_step_condition()  # Alg. 6, "Initialize": zero-initialised, an exact no-op
-    use_step = getattr(student, 'use_step_condition', False)
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    torch.manual_seed(cfg.seed * world + rank)  # dropout: a different stream on every rank
-    lpips = load_lpips(device) if 'lpips' in cfg.loss else None
-    label_dim = getattr(teacher, 'label_dim', 0)
-    shape = teacher_meta.get('shape') or [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
 
-    # Every random draw of the loop is made for the global batch from one generator shared by all
-    # ranks (same seed), and each rank takes its slice: a G-process run sees exactly the samples
-    # of a 1-process run with the same total batch. Its state and the global one are saved.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    it, nimg = 0, 0
-    if state is not None:
-        student.load_state_dict(state['student'])
-        optimizer.load_state_dict(state['optimizer'])
-        it, nimg = state['iteration'], state['nimg']
-        gen.set_state(state['generator'])
-        torch.set_rng_state(state['torch_rng'][rank])
-    model = student
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == 'cuda' else None,
-            find_unused_parameters=True)  # e.g. EDM's map_augment, unused without augment labels
-    if cfg.compile:  # same numerics, fused kernels; the files still hold the plain networks
-        model, teacher = torch.compile(model), torch.compile(teacher)
+def describe(cfg, run):
+    """The one-line summary printed when a run starts."""
+    teacher = 'euler' if cfg.method == 'second-stage' else cfg.teacher_solver
+    nfe = list(cfg.nfe_list) if cfg.method == 'sfd-v' else cfg.nfe
+    return (f'{cfg.method}: teacher {cfg.teacher} ({teacher}, K={cfg.K}), student NFE {nfe}'
+            f'{" + AFS" if cfg.afs else ""}, {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch} on {run.world} x '
+            f'{run.device.type}, {cfg.kimg:g} kimg -> {run.run_dir}')
 
-    data_x, data_y = (_vanilla_data(cfg, teacher_meta) if cfg.method == 'vanilla' else (None, None))
-    total = int(cfg.kimg * 1000)
-    batch_gpu = cfg.batch // world
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log(f'{cfg.method}: teacher {cfg.teacher} ({cfg.teacher_solver if cfg.method != "second-stage" else "euler"}'
-            f', K={cfg.K}), student NFE {list(cfg.nfe_list) if cfg.method == "sfd-v" else cfg.nfe}'
-            f'{" + AFS" if cfg.afs else ""}, {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch} on {world} x {device.type}, '
-            f'{cfg.kimg:g} kimg -> {run_dir}')
 
-    def check(loss, step):
-        grads = [p.grad for p in student.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else 0
-        if not (torch.isfinite(loss) and torch.isfinite(torch.as_tensor(norm))):
-            raise FloatingPointError(f'non-finite loss or gradient at iteration {it}, student step {step} '
-                                     f'(loss {loss.item():g}); lower --lr or check the teacher')
+class Ticks:
+    """Collects per-step losses and writes one stats.jsonl row per tick (and at the end)."""
 
-    def save():
-        """Atomic snapshot of the student (plus its sampling recipe) and the training state."""
-        rngs = [torch.get_rng_state()]
-        if world > 1:
-            rngs = [torch.empty_like(rngs[0]) for _ in range(world)]
-            dist.all_gather(rngs, torch.get_rng_state())
-        if rank != 0:
+    def __init__(self, run, stats, on_tick):
+        self.run, self.stats, self.on_tick = run, stats, on_tick
+        self.losses, self.start, self.nimg = [], time.time(), run.nimg
+        every = int(run.cfg.snapshot_kimg * 1000)
+        self.next_snapshot = (run.nimg // every + 1) * every
+
+    def add(self, losses, nfe, done):
+        run = self.run
+        self.losses.append(losses)
+        if not done and run.nimg - self.nimg < run.cfg.tick_kimg * 1000:
             return
-        meta = dict(sampling=sampling_config(cfg, student), method=cfg.method, teacher=cfg.teacher,
-                    kimg=nimg / 1000, shape=list(shape), config=_plain(asdict(cfg)))
-        unet.save_model(run_dir / 'student.pt', student, **meta)
-        st = dict(student=student.state_dict(), optimizer=optimizer.state_dict(), iteration=it,
-                  nimg=nimg, generator=gen.get_state(), torch_rng=rngs, config=_plain(asdict(cfg)))
-        tmp = run_dir / 'training-state.pt.tmp'
-        torch.save(st, tmp)
-        os.replace(tmp, run_dir / 'training-state.pt')
-
-    stats_file = open(run_dir / 'stats.jsonl', 'a') if rank == 0 else None
-    bar = tqdm(total=total, initial=nimg, unit='img', unit_scale=True, disable=not progress or rank != 0,
-               desc=cfg.method)
-    tick_losses, tick_start, tick_nimg = [], time.time(), nimg
-    next_snapshot = (nimg // int(cfg.snapshot_kimg * 1000) + 1) * int(cfg.snapshot_kimg * 1000)
-    teacher_nfe = student_calls = 0  # teacher evaluations per sample; student calls per iteration
-    lo, hi = rank * batch_gpu, (rank + 1) * batch_gpu  # this rank's slice of the global batch
-    while nimg < total:
-        # SFD-v (Alg. 6, line 1): this iteration's NFE, its schedule and its step condition.
-        nfe = cfg.nfe_list[int(torch.randint(len(cfg.nfe_list), (), generator=gen))] \
-            if cfg.method == 'sfd-v' else cfg.nfe
-        t_steps = student_schedule(cfg, nfe)
-        N = len(t_steps) - 1
-        t_teacher = solvers.time_schedule(cfg.K * N, cfg.t_min, cfg.t_max, cfg.schedule, cfg.rho)
-        cond = {}
-        if label_dim:  # a class-conditional teacher: random labels, guidance scale 1 (Sec. 3.4)
-            y = torch.randint(label_dim, (cfg.batch,), generator=gen)[lo:hi]
-            cond['class_labels'] = torch.eye(label_dim, device=device)[y.to(device)]
-        student_cond = dict(cond, **({'step': step_value(nfe, cfg.afs)} if use_step else {}))
-        # lr schedule of the official code: lr / 10 once half of the trajectories are used.
-        for group in optimizer.param_groups:
-            group['lr'] = cfg.lr if nimg < total / 2 else cfg.lr / 10
-        if cfg.method == 'vanilla':
-            pick = torch.randint(len(data_x), (cfg.batch,), generator=gen)[lo:hi]
-            x0 = data_x[pick].to(device)
-            if label_dim and data_y is not None:
-                cond['class_labels'] = torch.eye(label_dim, device=device)[data_y[pick].to(device)]
-                student_cond['class_labels'] = cond['class_labels']
-            losses = vanilla_iteration(model, teacher, optimizer, x0, t_steps, t_teacher, cfg, gen,
-                                       (lo, hi, cfg.batch), lpips, check, **student_cond)
-            teacher_nfe += cfg.K * solvers.nfe(cfg.teacher_solver, 1)  # K sub-steps of one interval
-        else:
-            # Alg. 4, line 1: x_N = x~_N ~ N(0, t_max^2 I); line 5 for all n: the teacher's states.
-            x_N = cfg.t_max * torch.randn([cfg.batch, *shape], generator=gen)[lo:hi].to(device)
-            second = cfg.method == 'second-stage'
-            solver = 'euler' if second else cfg.teacher_solver
-            targets = teacher_targets(teacher, x_N, t_teacher, cfg.K, solver, afs=cfg.afs and second,
-                                      **cond, **cond_extra)
-            losses = sfd_iteration(model, optimizer, x_N, t_steps, targets, cfg, lpips, check, **student_cond)
-            teacher_nfe += solvers.nfe(solver, cfg.K * N, cfg.afs and second)  # the whole trajectory
-        student_calls += N - int(cfg.afs) if cfg.method != 'vanilla' else 1
-        it += 1
-        nimg += cfg.batch
-        bar.update(cfg.batch)
-        tick_losses.append(losses)
-        bar.set_postfix_str(' '.join(f'{v:.3g}' for v in losses))
-        done = nimg >= total or (stop_at_iteration is not None and it >= stop_at_iteration)
-        if done or nimg - tick_nimg >= cfg.tick_kimg * 1000:
-            speed = (nimg - tick_nimg) / max(time.time() - tick_start, 1e-9)
-            row = dict(kimg=nimg / 1000, iteration=it, nfe=nfe, lr=optimizer.param_groups[0]['lr'],
-                       loss_per_step=_mean_columns(tick_losses), img_per_s=speed)
-            if stats_file:
-                stats_file.write(json.dumps(row) + '\n')
-                stats_file.flush()
-            if on_tick:
-                on_tick(row, student)
-            tick_losses, tick_start, tick_nimg = [], time.time(), nimg
-        if done or nimg >= next_snapshot:
-            save()
-            next_snapshot += int(cfg.snapshot_kimg * 1000)
-        if done:
-            break
-    bar.close()
-    if stats_file:
-        stats_file.close()
-    student.eval()
-    summary = dict(iterations=it, kimg=nimg / 1000, teacher_nfe=teacher_nfe, student_calls=student_calls)
-    if rank == 0:
-        log(f'done: {it} iterations, {nimg / 1000:g} kimg; student written to {run_dir / "student.pt"}')
-    return student, summary
+        row = dict(kimg=run.nimg / 1000, iteration=run.it, nfe=nfe, lr=run.optimizer.param_groups[0]['lr'],
+                   loss_per_step=_mean_columns(self.losses),
+                   img_per_s=(run.nimg - self.nimg) / max(time.time() - self.start, 1e-9))
+        if self.stats:
+            self.stats.write(json.dumps(row) + '\n')
+            self.stats.flush()
+        if self.on_tick:
+            self.on_tick(row, run.student)
+        self.losses, self.start, self.nimg = [], time.time(), run.nimg
 
 
-def _vanilla_data(cfg, teacher_meta):
-    """Alg. 3's data x_0 (and labels): the toy's own data set, or images scaled to [-1, 1]."""
-    if cfg.teacher.startswith('toy:'):
-        return toy.toy_data(cfg.teacher[4:].split(':')[0], 20_000, generator=torch.Generator().manual_seed(cfg.seed))
-    import data
-    x, y = data.load_images(cfg.data)
-    return data.to_float(x), y
+class _Nothing:
+    """A context manager that does nothing (for ranks that hold no lock and no stats file)."""
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _plain(v):
@@ -481,38 +608,29 @@ def _mean_columns(rows):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+HELP = {'teacher': 'a model spec (python models.py -h); the second stage: a first-stage student file',
+        'nfe_list': 'SFD-v NFE list L (comma-separated)',
+        'kimg': 'thousands of teacher trajectories (paper: SFD 200, SFD-v 800, second stage 2000; toy: 100)',
+        'lr': 'Adam lr (paper 5e-5, second stage 5e-4; toy: 5e-4)', 'batch': 'total over all processes (toy: 256)',
+        'run_dir': "'' = a new numbered folder runs/<00000>-<method>-<teacher>-nfe<N>"}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(SFDConfig):
-        default = f.default
-        name = '--' + f.name.replace('_', '-')
-        if f.name == 'nfe_list':
-            p.add_argument(name, type=lambda s: tuple(int(v) for v in s.split(',')), default=default,
-                           help='SFD-v NFE list L (comma-separated)')
-        elif f.type is bool or isinstance(default, bool):
-            p.add_argument(name, type=lambda s: s.lower() in ('1', 'true', 'yes'), default=default)
-        else:
-            p.add_argument(name, type=type(default), default=default)
-    p.add_argument('--resume', help='continue the run in this directory')
+    p = cli.add_config_flags(cli.parser(__doc__), SFDConfig, HELP)
+    p.add_argument('--resume', help=f'continue the run in this folder (may change: {", ".join(RESUMABLE)})')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    explicit = {a.lstrip('-').split('=')[0].replace('-', '_') for a in (argv or __import__('sys').argv[1:])
-                if a.startswith('--')}
-    cfg = SFDConfig(**{f.name: getattr(args, f.name) for f in fields(SFDConfig)})
-    cfg = apply_defaults(cfg, explicit)
-    if cfg.run_dir == 'runs' and 'run_dir' not in explicit:
-        name = f'{cfg.method}-{cfg.teacher.replace(":", "-").replace("/", "_")}-nfe{cfg.nfe}'
-        cfg.run_dir = str(Path('runs') / Path(name).name)
-    student, summary = distill(cfg, resume=args.resume, progress=not args.quiet)
-    name = toy_lineage(cfg.teacher)
-    if name and (not dist.is_initialized() or dist.get_rank() == 0):  # the before/after table
-        meta = unet.load_model(Path(args.resume or cfg.run_dir) / 'student.pt')[1]
-        first = load_teacher(cfg.teacher, 'cpu') if cfg.method == 'second-stage' else None
-        print(toy.before_after_table(name, student.cpu(), meta, first_stage=first))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    cfg, explicit = cli.config_from_args(SFDConfig, args)
+    if not args.resume:
+        cfg = validate(apply_defaults(cfg, explicit))  # every bad setting is reported before any loading
+    student, summary = distill(cfg, resume=args.resume, progress=not args.quiet, explicit=explicit)
+    meta = models.load_meta(Path(summary['run_dir']) / 'student.pt') if cli.rank() == 0 else {}
+    name = models.toy_world(meta.get('teacher', ''))
+    if name:  # a toy run: the before/after table
+        first = models.load(meta['teacher']) if meta['method'] == 'second-stage' else None
+        print(toy.before_after_table(name, student.cpu(), meta, models.load(f'toy:{name}')[0], first_stage=first))
+    cli.close_distributed()
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

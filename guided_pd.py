@@ -22,27 +22,28 @@ data prediction x_hat(z_t) is our D(x, sigma_EDM). Below, sigma always means sig
     python guided_pd.py stage2 --teacher runs/guided-stage1-toy-ring/student.pt
 """
 
-import argparse
 import copy
 import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import cli
+import data
+import models
 import solvers
-import toy  # registers the toy MLP, so toy teachers and students load
+import toy
 import unet
 
 
 @dataclass
 class GuidedConfig:
     """Settings of both stages; defaults are Meng App. B / the official CIFAR-10 configs."""
-    teacher: str = 'cifar10-32x32-cond-vp'   # stage one: conditional net (EDM, .pt, toy:<name>); two: a .pt
+    teacher: str = 'cifar10-32x32-cond-vp'   # stage one: a conditional model spec; stage two: a .pt
     uncond: str = 'cifar10-32x32-uncond-vp'  # stage one's unconditional branch; '' = the null label
     data: str = 'cifar10'                 # x ~ D (Alg. 1, 3): 'cifar10' or an image zip/folder
     w_min: float = 0.0                    # guidance range [w_min, w_max] (Sec. 4.1: [0, 4])
@@ -62,7 +63,7 @@ class GuidedConfig:
     ema: float = -1.0                     # -1 = stage default: 0.9999 (stage one), 0 = none (stage two)
     grad_clip: float = 1.0                # official configs
     seed: int = 0
-    run_dir: str = ''                     # '' = runs/guided-<stage>-<teacher>
+    run_dir: str = ''                     # '' = a new folder runs/<00000>-guided-<stage>-<teacher>
     tick: int = 500                       # updates per stats.jsonl line
     device: str = 'auto'
 
@@ -118,29 +119,20 @@ def cfg_teacher(cond_net, uncond_net=None):
     return D_w
 
 
-def _load_net(spec, device):
-    """One of our .pt files, or an EDM preset, .pkl or URL (unet.load_edm); eval mode, frozen."""
-    is_ours = Path(spec).suffix in ('.pt', '.pth')
-    net = unet.load_model(spec, device)[0] if is_ours else unet.load_edm(spec, device)
-    return net.eval().requires_grad_(False)
-
-
 def load_cfg_teacher(spec, uncond='', device='cpu'):
-    """(D_w, conditional net, its metadata) for `spec`: toy:<name> (one jointly trained net with
-    label dropout, its null label is the unconditional model), a .pt of ours, or an EDM preset,
-    .pkl or URL; `uncond` names a separate unconditional network ('' = the null label). NVIDIA's
-    class-conditional CIFAR-10 net never saw a null label, so it needs the uncond net."""
+    """(D_w, conditional net, its metadata) for a model spec (models.load). A toy spec means its
+    jointly trained class-conditional net (toy:<name>:cond, label dropout 0.1), whose null label
+    is the unconditional model; `uncond` names a separate unconditional network ('' = the null
+    label). NVIDIA's class-conditional CIFAR-10 net never saw a null label: it needs the uncond net."""
+    world = models.toy_world(spec)
     if spec.startswith('toy:'):
-        net, meta = toy.toy_teacher(spec[4:], cond=True, device=device)
-        meta, uncond = dict(meta, data=spec), ''
-    elif Path(spec).suffix in ('.pt', '.pth'):
-        net, meta = unet.load_model(spec, device=device)
-    else:
-        net, meta = unet.load_edm(spec, device=device), {'source': spec}
+        spec, uncond = f'toy:{world}:cond', ''
+    net, meta = models.load(spec, device)  # eval mode (EDM's dropout off), frozen
     if not net.label_dim:
-        raise ValueError(f'{spec} is not class-conditional: guidance distillation needs a conditional net')
-    net.eval().requires_grad_(False)  # teachers in eval mode (EDM's dropout off) and frozen
-    return cfg_teacher(net, _load_net(uncond, device) if uncond else None), net, meta
+        raise ValueError(f'--teacher {spec} is not class-conditional: guidance distillation needs a '
+                         'conditional model (e.g. cifar10-cond, toy:ring)')
+    meta = dict(meta, data=f'toy:{world}') if world else meta
+    return cfg_teacher(net, models.load(uncond, device)[0] if uncond else None), net, meta
 
 
 def make_student(net):
@@ -207,11 +199,6 @@ def _bc(v, x):
     return v.reshape(-1, *[1] * (x.ndim - 1))
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (EDMPrecond keeps its preconditioning in float32); off on a CPU."""
-    return torch.autocast('cuda', dtype=torch.bfloat16, enabled=torch.device(device).type == 'cuda')
-
-
 def stage_one_loss(student, D_w, x0, y, cfg, generator, weighting='edm'):
     """One batch of Meng Alg. 1 (Alg. 2 is the same), line by line in EDM form."""
     B, dev = x0.shape[0], x0.device
@@ -219,10 +206,10 @@ def stage_one_loss(student, D_w, x0, y, cfg, generator, weighting='edm'):
     w = (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(B, generator=generator)).to(dev)     # w ~ U
     eps = torch.randn(x0.shape, generator=generator).to(x0)                                    # eps ~ N(0,I)
     x = x0 + _bc(sigma, x0).to(x0) * eps   # z_t = alpha_t x + sigma_t eps, divided by alpha_t
-    with torch.inference_mode(), autocast(dev):
+    with torch.inference_mode(), cli.autocast(dev):
         target = D_w(x, sigma, class_labels=y, guidance=w)  # x_hat^w = (1 + w) x_hat_c - w x_hat
     target = target.clone()  # out of inference mode: usable in the graph
-    with autocast(dev):
+    with cli.autocast(dev):
         D = student(x, sigma, class_labels=y, guidance=w)   # x_hat_eta1(z_t, w)
     # L = omega(lambda_t) ||x_hat^w - x_hat_eta1||^2
     return weighted_mse(D, target, loss_weight(weighting, sigma, student.sigma_data))
@@ -279,7 +266,7 @@ def stage_two_loss(student, teacher, x0, y, N, cfg, generator, weighting='snr_tr
     sigma, sigma1, sigma2 = (cosine_sigma(((i - k * h) / N).clamp(min=0), cfg.sigma_min, cfg.sigma_max)
                              .to(x0.device) for k in (0, 1, 2))           # t, t', t''
     x = x0 + _bc(sigma, x0).to(x0) * eps                                  # z_t, divided by alpha_t
-    with autocast(x.device):
+    with cli.autocast(x.device):
         target = two_step_target(teacher, x, sigma, sigma1, sigma2, class_labels=y, guidance=w).clone()
         D = student(x, sigma, class_labels=y, guidance=w)                 # x_hat_eta2(z_t, w)
     # L = omega(lambda_t) ||x~^w - x_hat_eta2||^2
@@ -307,26 +294,18 @@ def stochastic(net, z, N, w, generator=None, sigma_min=0.002, sigma_max=80.0, **
     return solvers.stochastic_sample(net, sigma_max * z, t_steps, generator, guidance=w, **cond)
 
 
-def sampling_config(N, stochastic_, sigma_min, sigma_max):
+def sampling_recipe(N, stochastic_, sigma_min, sigma_max):
     """How to sample a stage-two student, stored in its file: Euler (= DDIM) or Meng's stochastic
     sampler over the explicit cosine grid `t_steps` (no solvers.time_schedule kind builds it)."""
-    return dict(solver='stochastic' if stochastic_ else 'euler', nfe=N, afs=False, schedule='cosine',
-                t_min=sigma_min, t_max=sigma_max, ends_at_zero=True,
-                t_steps=cosine_grid(N, sigma_min, sigma_max).tolist())
+    return solvers.Recipe('stochastic' if stochastic_ else 'euler', N, schedule='cosine', t_min=sigma_min,
+                          t_max=sigma_max, ends_at_zero=True, t_steps=cosine_grid(N, sigma_min, sigma_max).tolist())
 
 
 @torch.no_grad()
 def sample_student(net, meta, z, w, generator=None, **cond):
-    """Generate from unit noise z as a student file's metadata says, at guidance w (float or [B]):
-    a stage-two student over its stored cosine grid, a stage-one student with its stored solver."""
-    s = meta['sampling']
-    if 't_steps' not in s:
-        return solvers.sample_with(net, z, s, guidance=w, **cond)
-    t_steps = torch.tensor(s['t_steps'], dtype=torch.float64)
-    x = float(t_steps[0]) * z
-    if s['solver'] == 'stochastic':
-        return solvers.stochastic_sample(net, x, t_steps, generator, guidance=w, **cond)
-    return solvers.sample(net, x, t_steps, s['solver'], guidance=w, **cond)
+    """Generate from unit noise z as a student file's recipe says (solvers.sample_with), at
+    guidance w (float or [B]): stage two over its cosine grid, stage one with its stored solver."""
+    return solvers.sample_with(net, z, meta['sampling'], generator=generator, guidance=w, **cond)
 
 
 @torch.no_grad()
@@ -352,7 +331,6 @@ def data_source(spec, label_dim, dataset=None):
             return x, eye[y]
         return draw
     if dataset is None:
-        import data
         dataset = data.load_images(spec)
     x_all, y_all = dataset
     if y_all.min() < 0 or y_all.max() >= label_dim:
@@ -364,12 +342,6 @@ def data_source(spec, label_dim, dataset=None):
         x = x_all[idx]
         return (x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()), eye[y_all[idx]]
     return draw
-
-
-def _device(cfg):
-    if cfg.device != 'auto':
-        return torch.device(cfg.device)
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def train(student, loss_fn, iters, cfg, ema, anneal, desc, stats, progress=True):
@@ -406,20 +378,46 @@ def train(student, loss_fn, iters, cfg, ema, anneal, desc, stats, progress=True)
     return avg if avg is not None else student
 
 
+def validate(cfg, stage):
+    """One clear error for any setting that cannot work, naming its flag (nothing is loaded yet)."""
+    def need(ok, flag, what):
+        if not ok:
+            raise ValueError(f'--{flag.replace("_", "-")} {getattr(cfg, flag)!r}: {what}')
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    need(cfg.sigma_dist in ('cosine', 'lognormal'), 'sigma_dist', 'choose cosine or lognormal')
+    need(cfg.weighting in WEIGHTINGS + ('',), 'weighting', f'choose one of {", ".join(WEIGHTINGS)}')
+    need(finite(cfg.w_min) and cfg.w_min >= 0, 'w_min', 'guidance strengths are >= 0 (w = 0: the conditional model)')
+    need(finite(cfg.w_max) and cfg.w_max >= cfg.w_min, 'w_max', 'need w_min <= w_max')
+    need(finite(cfg.sigma_min) and cfg.sigma_min > 0, 'sigma_min', 'need 0 < sigma_min < sigma_max')
+    need(finite(cfg.sigma_max) and cfg.sigma_max > cfg.sigma_min, 'sigma_max', 'need 0 < sigma_min < sigma_max < inf')
+    for flag in ('iters', 'round_iters', 'final_round_iters', 'batch', 'tick', 'start_n', 'end_n'):
+        need(getattr(cfg, flag) >= 1, flag, 'must be a positive integer')
+    need(finite(cfg.lr) and cfg.lr > 0, 'lr', 'the learning rate must be positive')
+    need(finite(cfg.ema) and (cfg.ema == -1 or 0 <= cfg.ema < 1), 'ema', 'a decay in [0, 1), or -1 for the stage default')
+    need(finite(cfg.grad_clip) and cfg.grad_clip >= 0, 'grad_clip', 'must be >= 0 (0 = off)')
+    need(cfg.seed >= 0, 'seed', 'must be a non-negative integer')
+    cli.device(cfg.device)
+    if stage == 'stage2':
+        need(Path(cfg.teacher).suffix == '.pt' and Path(cfg.teacher).is_file(), 'teacher',
+             'stage two distils a stage-one (or stage-two) student file: runs/<run>/student.pt')
+    return cfg
+
+
 def _setup(cfg, stage):
-    """Fill the stage's defaults (weighting, EMA), create the run folder: (cfg, device, run_dir).
-    The default folder is runs/guided-stage1-<teacher> or runs/guided-stage2-<stage-one folder>
-    (with -stochastic for Alg. 4, so both chains of one stage-one student can coexist)."""
-    cfg = copy.deepcopy(cfg)
+    """Check the settings, fill the stage's defaults (weighting, EMA), choose the run folder:
+    (cfg, device, run_dir). A new folder is numbered (runs/00003-guided-stage1-toy-ring); one that
+    holds another run is refused. Stage two's name says which chain (-stochastic for Alg. 4)."""
+    cfg = validate(copy.deepcopy(cfg), stage)
     cfg.weighting = cfg.weighting or ('edm' if stage == 'stage1' else 'snr_trunc')
     cfg.ema = cfg.ema if cfg.ema >= 0 else (0.9999 if stage == 'stage1' else 0.0)
-    loss_weight(cfg.weighting, torch.ones(1), 0.5)  # an unknown name fails here, not mid-run
     name = Path(cfg.teacher).parent.name if stage == 'stage2' else cfg.teacher.replace(':', '-')
     name = Path(name).name + ('-stochastic' if stage == 'stage2' and cfg.stochastic else '')
-    run_dir = Path(cfg.run_dir or f'runs/guided-{stage}-{name}')
+    if cfg.run_dir:
+        cli.check_fresh_run_dir(cfg.run_dir)
+    run_dir = Path(cfg.run_dir or cli.new_run_dir('runs', f'guided-{stage}-{name}'))
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    return cfg, _device(cfg), run_dir
+    return cfg, cli.device(cfg.device), run_dir
 
 
 def stage_one(cfg, dataset=None, progress=True, log=print):
@@ -438,15 +436,14 @@ def stage_one(cfg, dataset=None, progress=True, log=print):
         return stage_one_loss(net, D_w, x0.to(device), y.to(device), cfg, gen, cfg.weighting)
     log(f'stage one: {cfg.teacher} (+ {cfg.uncond or "null label"}), w ~ U[{cfg.w_min:g}, {cfg.w_max:g}], '
         f'sigma {cfg.sigma_dist}, {cfg.weighting} weighting, {cfg.iters} x {cfg.batch} -> {run_dir}')
-    with open(run_dir / 'stats.jsonl', 'a') as stats:
+    with cli.RunLock(run_dir), open(run_dir / 'stats.jsonl', 'a') as stats:
         net = train(student, loss_fn, cfg.iters, cfg, cfg.ema, False, 'stage1', stats, progress)
     shape = tmeta.get('shape') or [net.img_channels, net.img_resolution, net.img_resolution]
     # A stage-one student is a continuous-time D_w: any solver samples it (here EDM's Heun).
     meta = dict(kind='guided-stage1', teacher=cfg.teacher, uncond=cfg.uncond, data=data_spec, shape=shape,
                 guidance_range=[cfg.w_min, cfg.w_max], stochastic=False, config=asdict(cfg),
-                sampling=dict(solver='heun', nfe=35, afs=False, schedule='polynomial', rho=7.0,
-                              t_min=0.002, t_max=80.0, ends_at_zero=True))
-    unet.save_model(run_dir / 'student.pt', net, **meta)
+                sampling=solvers.Recipe())  # EDM's Heun sampler
+    models.save_model(run_dir / 'student.pt', net, **meta)
     log(f'stage one: student written to {run_dir / "student.pt"}')
     return net, meta
 
@@ -479,11 +476,9 @@ def stage_two(cfg, dataset=None, progress=True, log=print):
     one round per halving, each student starting from its teacher with a fresh optimiser and an
     lr annealed to 0. Writes run_dir/student-n<N>.pt per round; returns their paths."""
     cfg, device, run_dir = _setup(cfg, 'stage2')
-    if Path(cfg.teacher).suffix != '.pt':
-        raise ValueError('stage two distils a stage-one student: pass --teacher <run>/student.pt')
-    teacher, tmeta = unet.load_model(cfg.teacher, device=device)
+    teacher, tmeta = models.load(cfg.teacher, device)
     if not teacher.use_guidance_condition:
-        raise ValueError(f'{cfg.teacher} has no guidance input: run stage1 first')
+        raise ValueError(f'--teacher {cfg.teacher} has no guidance input: run stage1 first and pass its student.pt')
     step = teacher_step(tmeta)
     if step is not None:  # continuing a chain: the teacher's grid fixes the first step and the range
         log(f'start_n = {step}: the step count of the teacher {cfg.teacher}')
@@ -493,7 +488,7 @@ def stage_two(cfg, dataset=None, progress=True, log=print):
     draw = data_source(tmeta.get('data', cfg.data), teacher.label_dim, dataset)
     gen = torch.Generator().manual_seed(cfg.seed)
     paths = []
-    with open(run_dir / 'stats.jsonl', 'a') as stats:
+    with cli.RunLock(run_dir), open(run_dir / 'stats.jsonl', 'a') as stats:
         for N in rounds(cfg):
             teacher.eval().requires_grad_(False)
             student = copy.deepcopy(teacher).train().requires_grad_(True)  # Alg. 3: eta_2 <- eta
@@ -508,9 +503,9 @@ def stage_two(cfg, dataset=None, progress=True, log=print):
             meta = dict(kind='guided-stage2', teacher=cfg.teacher, data=tmeta.get('data', cfg.data),
                         shape=tmeta.get('shape'), guidance_range=[cfg.w_min, cfg.w_max], N=N,
                         stochastic=cfg.stochastic, config=asdict(cfg),
-                        sampling=sampling_config(N, cfg.stochastic, cfg.sigma_min, cfg.sigma_max))
+                        sampling=sampling_recipe(N, cfg.stochastic, cfg.sigma_min, cfg.sigma_max))
             paths.append(run_dir / f'student-n{N}.pt')
-            unet.save_model(paths[-1], student, **meta)
+            models.save_model(paths[-1], student, **meta)
             teacher = student  # Alg. 3: eta <- eta_2, N <- N / 2
     return paths
 
@@ -524,10 +519,10 @@ def toy_table(paths, ws=(0.0, 1.0, 2.0, 4.0), n=2000, seed=0, ref_steps=256):
     """Metric A (mean distance to the guided teacher's ODE endpoint from the same noise) and the
     class-averaged sliced W2 to the class-conditional data, for stage-two students (files) and
     DDIM-with-CFG at equal NFE (N/2 steps) and at equal steps (2N NFE), at several w."""
-    meta = unet.load_model(paths[0])[1]
+    meta = models.load_meta(paths[0])
     while meta['kind'] == 'guided-stage2':  # up the lineage to the stage-one file
-        meta = unet.load_model(meta['teacher'])[1]
-    name, D_w = meta['data'][4:], load_cfg_teacher(meta['teacher'])[0]
+        meta = models.load_meta(meta['teacher'])
+    name, D_w = models.toy_world(meta['teacher']), load_cfg_teacher(meta['teacher'])[0]
     x_data, y = toy.toy_data(name, n, generator=torch.Generator().manual_seed(seed + 99))
     onehot = torch.eye(toy.num_classes(name))[y]
     z = toy.eval_noise(n)
@@ -535,7 +530,7 @@ def toy_table(paths, ws=(0.0, 1.0, 2.0, 4.0), n=2000, seed=0, ref_steps=256):
     rows = ['   w  NFE  sampler                 metric A  SW2 to data  SW2 to teacher']
     row = lambda w, nfe, label, x, ref: (f'{w:4g} {nfe:4d}  {label:<22}  {toy.fidelity(x, ref):8.4f}  '
                                          f'{sw2(x, x_data):11.4f}  {sw2(x, ref):14.4f}')
-    students = [unet.load_model(path) for path in paths]
+    students = [models.load(path) for path in paths]
     baseline_steps = sorted({k for _, m in students for k in (max(m['N'] // 2, 1), m['N'])}, reverse=True)
     for w in ws:
         ref = guided_reference(D_w, z, w, steps=ref_steps, class_labels=onehot)
@@ -549,24 +544,16 @@ def toy_table(paths, ws=(0.0, 1.0, 2.0, 4.0), n=2000, seed=0, ref_steps=256):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument('stage', choices=['stage1', 'stage2'])
-    flag = lambda s: s.lower() in ('1', 'true', 'yes')
-    for f in fields(GuidedConfig):
-        kind = flag if isinstance(f.default, bool) else type(f.default)
-        name = '--' + f.name.replace('_', '-')
-        p.add_argument(name, type=kind, default=f.default, help=HELP.get(f.name, ''))
+    cli.add_config_flags(p, GuidedConfig, HELP)
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--eval-n', type=int, default=2000, help='toy stage two: samples in the table (0: none)')
     args = p.parse_args(argv)
-    explicit = {a[2:].split('=')[0].replace('-', '_') for a in (sys.argv[1:] if argv is None else argv)
-                if a.startswith('--')}
-    cfg = GuidedConfig(**{f.name: getattr(args, f.name) for f in fields(GuidedConfig)})
-    lineage = cfg.teacher if cfg.teacher.startswith('toy:') else ''
-    if args.stage == 'stage2' and Path(cfg.teacher).is_file():
-        lineage = unet.load_model(cfg.teacher)[1].get('data', '')
-    if lineage.startswith('toy:'):
+    cfg, explicit = cli.config_from_args(GuidedConfig, args)
+    validate(cfg, args.stage)  # before the teacher's metadata is read
+    world = models.toy_world(cfg.teacher)
+    if world:  # toy runs: the toy recipe for every setting not given
         for k, v in TOY_DEFAULTS.items():
             if k not in explicit:
                 setattr(cfg, k, v)
@@ -575,7 +562,7 @@ def main(argv=None):
     else:
         paths = stage_two(cfg, progress=not args.quiet)
         print(f'stage two done: {", ".join(str(q) for q in paths)}')
-        if lineage.startswith('toy:') and args.eval_n:
+        if world and args.eval_n > 0:
             print('\n'.join(toy_table(paths[-3:], n=args.eval_n)))
 
 
@@ -603,4 +590,4 @@ HELP = {
 }
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

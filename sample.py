@@ -1,8 +1,8 @@
 """Generate images (or 2-D points) from any model of this project, reproducibly, for viewing or FID.
 
-A model is an NVIDIA EDM network (preset, alias, .pkl or URL: `unet.load_edm`) sampled by any
-training-free solver of solvers.py, or one of our own files (`unet.load_model`), whose metadata
-says how to sample it: an SFD student is Euler over its own schedule (SFD Alg. 8), with AFS and
+A model is any spec of models.py: an NVIDIA EDM network (preset, alias, .pkl or URL) or a toy
+teacher, sampled by any training-free solver of solvers.py, or one of our own files, whose recipe
+(solvers.Recipe) says how to sample it: an SFD student is Euler over its own schedule (SFD Alg. 8), with AFS and
 SFD-v's step condition where it was trained with them; a guided student (Meng et al.) takes the
 guidance strength w as a network input. Seeds work as in EDM's generate.py: every image has its
 own generator, so an image depends only on its seed, not on the batch size or the GPU count (up
@@ -17,6 +17,7 @@ to the float rounding of batched network arithmetic).
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -31,16 +32,16 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
+import cli
+import data
 import fid  # only for IMAGES_KEY: the npz layout fid.py reads
+import models
 import solvers
-import toy  # noqa: F401 -- registers the toy MLP so that unet.load_model rebuilds toy models
-import unet
 
-# EDM's sampler (Karras et al. 2022, Alg. 1; generate.py defaults): Heun on the rho = 7 polynomial
-# schedule from 80 to 0.002, then a final step to t = 0 that lands on the denoiser's output.
-# 18 timestamps + 0 = 18 steps = 17 two-call Heun steps + 1 one-call Euler step = 35 NFE.
-TEACHER_DEFAULTS = dict(solver='heun', nfe=35, afs=False, schedule='polynomial', rho=7.0,
-                        t_min=0.002, t_max=80.0, ends_at_zero=True)
+# A teacher's recipe is EDM's sampler (Karras et al. 2022, Alg. 1; generate.py defaults),
+# solvers.Recipe(): Heun on the rho = 7 polynomial schedule from 80 to 0.002, then a final step to
+# t = 0 that lands on the denoiser's output. 18 timestamps + 0 = 18 steps = 17 two-call Heun
+# steps + 1 one-call Euler step = 35 NFE.
 
 
 def ends_at_zero_default(solver):
@@ -62,13 +63,6 @@ def parse_seeds(text):
             raise ValueError(f'bad seed list {text!r}: use integers and inclusive ranges, e.g. 0-63,100')
         seeds += range(int(m[1]), int(m[2] or m[1]) + 1)
     return seeds
-
-
-def sample_shape(net):
-    """[C, H, W] for an image network, [D] for a point model (toy.py's MLP on 2-D points)."""
-    if isinstance(net.model, (unet.SongUNet, unet.DhariwalUNet)):
-        return [net.img_channels, net.img_resolution, net.img_resolution]
-    return [net.img_channels]
 
 
 def noise(seeds, shape, label_dim, class_idx=None, device='cpu'):
@@ -124,14 +118,12 @@ class Plan:
 def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=False):
     """Check the request against the model and fix schedule, conditions and cost (see Plan).
 
-    `sampling` is a stored configuration as in solvers.sampling_schedule (solver, nfe, afs,
-    schedule, rho, t_min, t_max, optional ends_at_zero, step_values), or one with an explicit
-    grid `t_steps` (guided_pd.py's cosine grids); `nfe` picks one of several (SFD-v).
+    `sampling` is a recipe (solvers.Recipe or its dict); `nfe` picks one of several (SFD-v).
     `guidance` is Meng's w (SFD's omega = 1 + w): a network input for a guided student
     (`net.use_guidance_condition`), else classifier-free guidance of a conditional model,
     D_w = (1 + w) D(x, c) - w D_u(x), at two calls per evaluation, D_u being `uncond` or the same
-    network with a null (all-zero) label. `stochastic` (or solver 'stochastic') selects Meng's
-    stochastic N-step sampler over time_schedule(N) or the stored grid: N calls.
+    network with a null (all-zero) label. `stochastic` selects Meng's stochastic N-step sampler
+    over the recipe's schedule: N calls.
     """
     cond, cfg = {}, None
     if getattr(net, 'use_guidance_condition', False):
@@ -148,37 +140,19 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
         cfg = float(guidance) if guidance != 0 or uncond is not None else None  # w = 0: D_w = D_c
     elif uncond is not None:
         raise ValueError('--uncond is the unconditional branch of classifier-free guidance: add --guidance w')
-
-    trained = sampling['nfe'] if isinstance(sampling['nfe'], (list, tuple)) else [sampling['nfe']]
-    if nfe is None and len(trained) > 1:
-        raise ValueError(f'this model samples at NFE {trained}: choose one with --nfe')
-    t_steps = sampling.get('t_steps')
-    if t_steps is not None:  # a stored grid (Meng's progressive students): its NFE is fixed
-        t_steps = torch.tensor(t_steps, dtype=torch.float64)
-        if nfe is not None and nfe != trained[0]:
-            raise ValueError(f'this student samples its stored grid at NFE {trained[0]} only, not {nfe}')
-    if stochastic or sampling['solver'] == 'stochastic':
-        # Meng Eq. 4-7: N grid points below t_N = t_max, one call each, the last one lands on D.
-        N = int(nfe if nfe is not None else trained[0])
-        if t_steps is None:
-            t_steps = solvers.time_schedule(N, sampling['t_min'], sampling['t_max'], sampling['schedule'],
-                                            sampling['rho'])
-        solver, afs, calls = 'stochastic', False, len(t_steps) - 1
+    recipe = solvers.Recipe.from_dict(sampling)
+    if stochastic:  # Meng Eq. 4-7: N grid points below t_N = t_max, one call each
+        recipe = dataclasses.replace(recipe, solver='stochastic', afs=False, ends_at_zero=False)
+    t_steps, nfe, step = solvers.schedule_for(recipe, nfe)
+    if recipe.solver == 'stochastic':
+        calls = len(t_steps) - 1
     else:
-        if t_steps is None:  # turn the NFE into steps (solvers.steps_for_nfe: a clear error if impossible)
-            t_steps = solvers.sampling_schedule(sampling, nfe)[0]
-        solver, afs = sampling['solver'], bool(sampling.get('afs', False))
-        calls = solvers.nfe(solver, len(t_steps) - 1, afs, ends_at_zero=float(t_steps[-1]) == 0)
+        calls = solvers.nfe(recipe.solver, len(t_steps) - 1, recipe.afs, ends_at_zero=float(t_steps[-1]) == 0)
     if getattr(net, 'use_step_condition', False):
-        # SFD-v (Alg. 6): the student is told its schedule through the step condition, the
-        # number of timestamps N + 1 = NFE + AFS + 1 (what distill.py stores per trained NFE).
-        step = (sampling.get('step_values') or {}).get(str(calls))
-        if step is None:
-            step = len(t_steps)
-            warnings.warn(f'NFE {calls} was not trained (step values {sampling.get("step_values")}); '
-                          f'using step={step}, the number of timestamps', stacklevel=2)
-        cond['step'] = step
-    return Plan(solver, t_steps, afs, cond, cfg, calls * (2 if cfg is not None else 1))
+        # SFD-v (Alg. 6): the student is told its schedule through the step condition (the recipe's
+        # stored value of this NFE; for an untrained NFE the number of timestamps, with a warning).
+        cond['step'] = step.get('step', len(t_steps))
+    return Plan(recipe.solver, t_steps, recipe.afs, cond, cfg, calls * (2 if cfg is not None else 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +172,7 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
     sampler, the network evaluated in its own dtype.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    shape, label_dim = sample_shape(net), net.label_dim
+    shape, label_dim = models.shape_of(net), net.label_dim
     if class_idx is not None and not 0 <= class_idx < label_dim:
         raise ValueError('--class needs a class-conditional model; this one is unconditional' if not label_dim
                          else f'class index {class_idx} is out of range: this model has {label_dim} classes')
@@ -211,13 +185,14 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
     out, out_labels = [], []
     for i in tqdm(range(0, len(seeds), batch), unit='batch', disable=not progress or None, desc='sample'):
         chunk = seeds[i:i + batch]
+        D_checked = finite_or_raise(D, chunk)
         z, labels, gens = noise(chunk, shape, label_dim, class_idx, device)
         cond = dict(plan.cond, **({'class_labels': labels} if label_dim else {}))
         x_T = float(plan.t_steps[0]) * z.to(torch.float64)  # x = t_max z (the solvers' convention)
         if plan.solver == 'stochastic':  # fresh noise per step from each image's own generator
-            x = solvers.stochastic_sample(D, x_T, plan.t_steps, generator=gens, **cond)
+            x = solvers.stochastic_sample(D_checked, x_T, plan.t_steps, generator=gens, **cond)
         else:
-            x = solvers.sample(D, x_T, plan.t_steps, plan.solver, afs=plan.afs, **cond)
+            x = solvers.sample(D_checked, x_T, plan.t_steps, plan.solver, afs=plan.afs, **cond)
         out.append((x if raw or len(shape) == 1 else to_uint8(x)).cpu())
         out_labels.append(None if labels is None else labels.argmax(1).cpu())
         if on_batch is not None:
@@ -228,27 +203,28 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
     return x
 
 
+def finite_or_raise(D, seeds):
+    """D, checked: the first non-finite denoiser output stops sampling, naming the step and seeds
+    (a broken model must not write black images that FID would then score)."""
+    def checked(x, t, **cond):
+        out = D(x, t, **cond)
+        if not torch.isfinite(out).all():
+            bad = [s for s, ok in zip(seeds, torch.isfinite(out).flatten(1).all(1).tolist(), strict=True) if not ok]
+            raise FloatingPointError(f'the model returned non-finite values at t={float(t.flatten()[0]):g} for '
+                                     f'seeds {bad[:8]}{" ..." if len(bad) > 8 else ""}: check the model file')
+        return out
+    return checked
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing samples: a grid, EDM's folder layout, an npz for fid.py. All atomic.
 # ---------------------------------------------------------------------------------------------
-
-def _atomic(path, write):
-    """write(tmp) then rename: readers see no file or the whole file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def _save_image(array, path):
     """One HWC uint8 array as an image; the format comes from the suffix (PNG if unknown)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), 'PNG')
     img = Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else Image.fromarray(array, 'RGB')
-    _atomic(path, lambda tmp: img.save(tmp, format=fmt))
+    data.atomic_write(path, lambda tmp: img.save(tmp, format=fmt))
 
 
 def save_grid(images, path, cols=None):
@@ -291,56 +267,60 @@ def save_npz(path, samples, seeds, labels=None):
     def write(tmp):
         with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to tmp
             np.savez(f, **arrays)
-    _atomic(path, write)
+    data.atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------
 # Models and their sampling configuration
 # ---------------------------------------------------------------------------------------------
 
-def load(source, device='cpu'):
-    """(net, meta): one of our files (`unet.load_model`) or anything `unet.load_edm` takes
-    (preset, alias, .pkl, URL; it raises a clear error for anything else)."""
-    path = Path(str(source)).expanduser()
-    if path.is_file() and path.suffix != '.pkl':
-        return unet.load_model(path, device=device)
-    return unet.load_edm(source, device=device), {'source': str(source)}
-
-
 def resolve_sampling(meta, nfe=None, **overrides):
-    """The sampling configuration: the model's own (meta['sampling']) or TEACHER_DEFAULTS, with
-    the non-None `overrides` (solver, afs, schedule, rho, t_min, t_max, ends_at_zero). A teacher
-    takes any `nfe`. A distilled student (meta has 'method', or a stored grid) was trained for it:
-    `nfe` picks one of its NFE (SFD-v); anything else is allowed but warned about."""
-    s = dict(meta.get('sampling') or TEACHER_DEFAULTS)
+    """The recipe to sample with: the model's own (meta['sampling']; EDM's sampler for a model
+    without one), with the non-None `overrides` (solver, afs, schedule, rho, t_min, t_max,
+    ends_at_zero). A teacher takes any `nfe`. A distilled student (meta has 'method', or a stored
+    grid) was trained for its recipe: `nfe` picks one of its NFE (SFD-v); anything else is
+    allowed but warned about."""
+    r = solvers.Recipe.from_dict(meta.get('sampling') or solvers.Recipe())
     given = {k: v for k, v in overrides.items() if v is not None}
-    if 't_steps' in s and given.keys() & {'schedule', 'rho', 't_min', 't_max'}:
+    if r.t_steps is not None and given.keys() & {'schedule', 'rho', 't_min', 't_max'}:
         raise ValueError('this student stores its time grid (t_steps): its schedule cannot be changed')
-    if 'method' in meta or 't_steps' in s:  # distilled (SFD: distill.py, Meng stage two: guided_pd.py)
+    if 'method' in meta or r.t_steps is not None:  # distilled (SFD: distill.py, Meng: guided_pd.py)
         name = meta.get('method') or meta.get('kind') or 'distilled'
-        trained = s['nfe'] if isinstance(s['nfe'], (list, tuple)) else [s['nfe']]
         if given:
-            warnings.warn(f'overriding the {name} student\'s sampling {s} with {given}: it was '
-                          'distilled for its own configuration', stacklevel=2)
-        if nfe is not None and nfe not in trained:
-            warnings.warn(f'this {name} student was distilled for NFE {trained}, not {nfe}', stacklevel=2)
+            warnings.warn(f"overriding the {name} student's sampling {r.to_dict()} with {given}: it was "
+                          'distilled for its own recipe', stacklevel=2)
+        if nfe is not None and nfe not in r.nfes():
+            warnings.warn(f'this {name} student was distilled for NFE {r.nfes()}, not {nfe}', stacklevel=2)
     elif nfe is not None:
-        s['nfe'] = nfe
-    if 'solver' in given:  # a new solver ends where it usually does, unless told otherwise
-        s['ends_at_zero'] = ends_at_zero_default(given['solver'])
-    s.update(given)
-    return s
+        r.nfe = nfe
+    if 'solver' in given and 'ends_at_zero' not in given:  # a new solver ends where it usually does
+        given['ends_at_zero'] = ends_at_zero_default(given['solver'])
+    return dataclasses.replace(r, **given)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line (and torchrun: rank r takes seeds[r::world])
 # ---------------------------------------------------------------------------------------------
 
+def check_output(path, flag):
+    """Fail now, not after 50,000 samples: the folder of an output must be creatable and writable."""
+    if path is None:
+        return
+    folder = Path(path) if flag == '--outdir' else Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write-test-{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e})') from None
+    if flag != '--outdir' and Path(path).is_dir():
+        raise ValueError(f'{flag} {path} is a folder; give a file name')
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--model', default='cifar10-32x32-uncond-vp',
-                   help='EDM preset/alias/.pkl/URL, or a model file of ours (.pt)')
+    p = cli.parser(__doc__)
+    p.add_argument('--model', default='cifar10-32x32-uncond-vp', help='a model spec (python models.py -h)')
     p.add_argument('--seeds', default='0-63', help='e.g. 0-63,100 (inclusive ranges)')
     p.add_argument('--batch', type=int, default=64, help='images per batch and process')
     p.add_argument('--nfe', type=int, help='network calls per image (teachers: 35; SFD-v: pick one)')
@@ -359,37 +339,35 @@ def main(argv=None):
     p.add_argument('--grid', help='write a PNG grid of all images here')
     p.add_argument('--outdir', help='write one PNG per image: DIR/000000/000123.png (EDM layout)')
     p.add_argument('--npz', help='write uint8 NHWC images (or 2-D points) for fid.py here')
-    p.add_argument('--device', help='default: cuda if available, else cpu')
+    p.add_argument('--device', default='auto', help='auto: cuda if available, else cpu')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the network(s): same numbers, faster for many images (slow start)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
+    # Every check a user can fail comes before any model is loaded or sample drawn.
     if not (args.grid or args.outdir or args.npz):
         raise ValueError('no output requested: add --grid FILE.png, --outdir DIR and/or --npz FILE.npz')
+    if args.batch < 1:
+        raise ValueError(f'--batch {args.batch}: need at least one image per batch')
+    for value, flag in ((args.nfe, '--nfe'), (args.rho, '--rho'), (args.t_min, '--t-min'), (args.t_max, '--t-max')):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f'{flag} {value}: must be positive and finite')
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance {args.guidance}: Meng's w must be finite and >= 0")
     seeds = parse_seeds(args.seeds)
-
-    # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a single process needs no launcher.
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if world > 1 and not dist.is_initialized():
-        if device.type == 'cuda':  # one GPU per process
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank != 0:
-        dist.barrier()  # rank 0 downloads first, the others then read its cached copy
-    net, meta = load(args.model, device)
-    uncond = load(args.uncond, device)[0] if args.uncond else None
-    if rank == 0 and world > 1:
-        dist.barrier()
+    for path, flag in ((args.grid, '--grid'), (args.outdir, '--outdir'), (args.npz, '--npz')):
+        check_output(path, flag)
+    models.kind_of(args.model)  # an unknown spec fails before any download
+    rank, world, device = cli.init_distributed(cli.device(args.device))
+    net, meta = cli.rank_zero_first(lambda: models.load(args.model, device))  # rank 0 downloads first
+    uncond = cli.rank_zero_first(lambda: models.load(args.uncond, device)[0]) if args.uncond else None
     if args.compile:  # fused kernels; attributes (label_dim, conditions) still read through the wrapper
         net, uncond = torch.compile(net), uncond if uncond is None else torch.compile(uncond)
 
     sampling = resolve_sampling(meta, args.nfe, solver=args.solver, schedule=args.schedule, rho=args.rho,
                                 t_min=args.t_min, t_max=args.t_max, afs=args.afs,
                                 ends_at_zero=args.ends_at_zero)
-    if len(sample_shape(net)) == 1 and (args.grid or args.outdir):
+    if len(meta['shape']) == 1 and (args.grid or args.outdir):
         raise ValueError('this model makes 2-D points, not images: use --npz')
     plan = make_plan(net, sampling, args.nfe, args.guidance, uncond, args.stochastic)
     if rank == 0:
@@ -415,12 +393,9 @@ def main(argv=None):
         print('wrote ' + ', '.join(f for f in (args.grid, args.outdir, args.npz) if f))
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    cli.close_distributed()
     return x
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except ValueError as e:  # bad input: one clear line
-        raise SystemExit(f'sample.py: error: {e}') from None
+    cli.run(main)

@@ -24,6 +24,8 @@ Run `python solvers.py` to print each solver's error against the exact solution 
 """
 
 import math
+import warnings
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -53,8 +55,10 @@ def time_schedule(n, t_min=0.002, t_max=80., kind='polynomial', rho=7., device=N
     """
     if int(n) != n or n < 1:
         raise ValueError(f'a schedule needs n >= 1 steps, got {n}')
-    if not 0 < t_min < t_max:
-        raise ValueError(f'need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}')
+    if not (0 < t_min < t_max < math.inf):
+        raise ValueError(f'need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}')
+    if not 0 < rho < math.inf:
+        raise ValueError(f'rho must be positive and finite, got {rho}')
     if kind == 'polynomial':
         f = lambda u: (t_max ** (1 / rho) + u * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
     elif kind == 'logsnr':
@@ -129,6 +133,8 @@ def _times(t_steps):
     t = [float(v) for v in torch.as_tensor(t_steps).flatten()]
     if len(t) < 2:
         raise ValueError('a schedule needs at least 2 timestamps (one step)')
+    if not all(math.isfinite(v) for v in t):
+        raise ValueError(f'timestamps must be finite, got {t}')
     if any(a <= b for a, b in zip(t, t[1:])) or min(t[:-1]) <= 0 or t[-1] < 0:
         raise ValueError('timestamps must be strictly decreasing and positive (only the last may be 0)')
     return t
@@ -371,36 +377,113 @@ def sample(denoiser, x, t_steps, solver='heun', afs=False, trajectory=False, max
     return x
 
 
-def sampling_schedule(sampling, nfe=None):
-    """The schedule a stored sampling configuration prescribes for a given NFE.
+# ---------------------------------------------------------------------------------------------
+# The sampling recipe: how a model is sampled, stored in every model file
+# ---------------------------------------------------------------------------------------------
 
-    `sampling` is a plain dict (our checkpoints store one): solver, nfe (an int, or a list for a
-    model trained at several), afs, schedule, rho, t_min, t_max and optionally ends_at_zero
-    (EDM's trailing t = 0). Returns (t_steps, nfe).
+RECIPE_VERSION = 1  # files written before recipes had a version are read as version 0
+
+
+@dataclass
+class Recipe:
+    """How to sample a model: a solver over a schedule (or an explicit grid) at one or more NFE.
+
+    The defaults are EDM's sampler (Karras et al. 2022, Alg. 1): Heun on the rho = 7 polynomial
+    schedule from 80 to 0.002 and a last step to t = 0, 35 NFE. An SFD student stores Euler over
+    its own schedule (SFD Alg. 8), with AFS and SFD-v's step values if trained with them; a Meng
+    stage-two student stores its cosine grid (`t_steps`) and DDIM ('euler') or 'stochastic'.
+    Model files hold `to_dict()`, which torch.load(weights_only=True) reads; `schedule_for` is
+    the one function that turns a recipe into timestamps and conditions.
     """
-    trained = sampling['nfe'] if isinstance(sampling['nfe'], (list, tuple)) else [sampling['nfe']]
-    nfe = trained[0] if nfe is None and len(trained) == 1 else nfe
+    solver: str = 'heun'         # a name in SOLVERS, or 'stochastic' (Meng Eq. 4-7)
+    nfe: int | list = 35         # network calls per sample; a list for a model trained at several
+    afs: bool = False            # SFD's analytical first step (Sec. 3.2): one call saved
+    schedule: str = 'polynomial'  # a time_schedule kind (ignored when t_steps is given)
+    rho: float = 7.0
+    t_min: float = 0.002
+    t_max: float = 80.0
+    ends_at_zero: bool = True    # append t = 0: the last step lands on the denoiser's output (EDM)
+    t_steps: list | None = None  # an explicit grid, largest first (fixes the NFE)
+    step_values: dict | None = None  # SFD-v: {str(nfe): step condition} per trained NFE
+    version: int = RECIPE_VERSION
+
+    def nfes(self):
+        """The NFE this recipe was made for, as a list."""
+        return list(self.nfe) if isinstance(self.nfe, (list, tuple)) else [self.nfe]
+
+    def to_dict(self):
+        """A plain dict (lists, not tuples) for model files and JSON."""
+        d = asdict(self)
+        d['nfe'] = self.nfes() if isinstance(self.nfe, (list, tuple)) else self.nfe
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a stored recipe. Version 0 (no 'version' key) left out keys that meant afs=False,
+        ends_at_zero=False and no step values; its stage-two guided files had no rho."""
+        if isinstance(d, Recipe):
+            return d
+        if not isinstance(d, dict) or 'solver' not in d or 'nfe' not in d:
+            raise ValueError(f'not a sampling recipe: {d!r}')
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f'unknown keys {sorted(unknown)} in sampling recipe {d!r}')
+        if d.get('version', 0) > RECIPE_VERSION:
+            raise ValueError(f'recipe version {d["version"]} is newer than this code ({RECIPE_VERSION})')
+        old = {} if 'version' in d else dict(afs=False, ends_at_zero=False)
+        return cls(**{**old, **d, 'version': RECIPE_VERSION})
+
+
+def schedule_for(recipe, nfe=None):
+    """(t_steps, nfe, cond): the timestamps and conditions a recipe prescribes for one NFE.
+
+    `nfe` picks one of the trained NFE (SFD-v); a single-NFE recipe needs none. An explicit grid
+    is used as stored. 'stochastic' (Meng Eq. 4-7) makes one call per grid point below t_max:
+    N = NFE steps. Otherwise the NFE becomes a step count (steps_for_nfe: a clear error if no
+    count fits). `cond` holds SFD-v's step condition: the stored value of that NFE, or for an
+    untrained NFE (with a warning) the number of timestamps, the rule distill.py trains with.
+    """
+    r = Recipe.from_dict(recipe)
+    trained = r.nfes()
     if nfe is None:
-        raise ValueError(f'this model samples at NFE {trained}: choose one')
-    ends_at_zero = sampling.get('ends_at_zero', False)
-    n = steps_for_nfe(sampling['solver'], nfe, sampling.get('afs', False), ends_at_zero)
-    t = time_schedule(n - ends_at_zero, sampling['t_min'], sampling['t_max'], sampling['schedule'],
-                      sampling['rho'])
-    return (append_zero(t) if ends_at_zero else t), nfe
-
-
-def sample_with(denoiser, z, sampling, nfe=None, **cond):
-    """Generate from unit noise z as a stored configuration says (SFD Alg. 8 for students).
-
-    For an SFD student this is Euler over its own schedule, with AFS if it was trained with
-    it, and the step condition of the chosen NFE when it has one (SFD-v, Alg. 6).
-    """
-    t_steps, nfe = sampling_schedule(sampling, nfe)
-    step = (sampling.get('step_values') or {}).get(str(nfe))
-    if step is not None and 'step' not in cond:  # an explicit step= wins (e.g. an untrained NFE)
+        if len(trained) > 1:
+            raise ValueError(f'this model samples at NFE {trained}: choose one')
+        nfe = trained[0]
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f'NFE must be a positive integer, got {nfe!r}')
+    if r.t_steps is not None:
+        if nfe != trained[0]:
+            raise ValueError(f'this model samples its stored grid at NFE {trained[0]} only, not {nfe}')
+        t = torch.tensor(r.t_steps, dtype=torch.float64)
+    elif r.solver == 'stochastic':
+        t = time_schedule(nfe, r.t_min, r.t_max, r.schedule, r.rho)
+    else:
+        n = steps_for_nfe(r.solver, nfe, r.afs, r.ends_at_zero)
+        t = time_schedule(n - r.ends_at_zero, r.t_min, r.t_max, r.schedule, r.rho)
+        t = append_zero(t) if r.ends_at_zero else t
+    _times(t)  # finite and decreasing
+    cond = {}
+    if r.step_values is not None:
+        step = r.step_values.get(str(nfe))
+        if step is None:
+            step = len(t)
+            warnings.warn(f'NFE {nfe} was not trained (step values {r.step_values}); using step={step}, '
+                          'the number of timestamps', stacklevel=2)
         cond['step'] = step
-    return sample(denoiser, float(t_steps[0]) * z, t_steps, sampling['solver'],
-                  afs=sampling.get('afs', False), **cond)
+    return t, nfe, cond
+
+
+def sample_with(denoiser, z, recipe, nfe=None, generator=None, **cond):
+    """Generate from unit noise z as a recipe says (SFD Alg. 8 for students): x = t_max z, then
+    its solver over its schedule with its conditions (an explicit step= wins, e.g. to probe an
+    untrained NFE). `generator` feeds the stochastic sampler (one or one per sample)."""
+    r = Recipe.from_dict(recipe)
+    t_steps, _, rc = schedule_for(r, nfe)
+    cond = {**rc, **cond}
+    x = float(t_steps[0]) * z
+    if r.solver == 'stochastic':
+        return stochastic_sample(denoiser, x, t_steps, generator=generator, **cond)
+    return sample(denoiser, x, t_steps, r.solver, afs=r.afs, **cond)
 
 
 def guided(denoiser, w, uncond=None):

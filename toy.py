@@ -11,16 +11,14 @@ distillation run on it unchanged, and the exact quantities they optimise can be 
                                   solution from the same noise ("metric A");
   distribution distance            sliced Wasserstein-2 distance between sample sets.
 
-    python toy.py ring              # train (or load from the cache) the ring teacher and
-                                    # print every solver's fidelity at a few NFE
+    python toy.py ring              # train a ring teacher (about 30 s) and print every
+                                    # solver's fidelity at a few NFE; as a model spec,
+                                    # `toy:ring` is trained once and cached (models.py)
 """
 
 import argparse
-import hashlib
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -73,64 +71,8 @@ def num_classes(name):
 # The toy denoiser and its training
 # ---------------------------------------------------------------------------------------------
 
-class ToyMLP(torch.nn.Module):
-    """The inner network F of a toy denoiser: [x, embedding] -> `depth` SiLU layers -> 2 outputs.
-
-    The embedding is built like a U-Net's: sinusoids of c_noise = ln(sigma) / 4 and a linear map
-    of the (sqrt(C)-scaled, as EDM does) one-hot label, through Linear-SiLU. The step and guidance
-    conditions are the U-Nets' too (unet.ConditionEmbedding, zero-initialised): switching them on
-    leaves the output unchanged until trained.
-    """
-
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, width=256, depth=4, emb=64):
-        super().__init__()
-        self.label_dim, self.emb = label_dim, emb
-        self.use_step_condition = self.use_guidance_condition = False
-        self.map_noise = unet.PositionalEmbedding(emb, endpoint=True)
-        self.map_label = unet.Linear(label_dim, emb) if label_dim else None
-        self.map_layer = unet.Linear(emb, emb)
-        self.layers = torch.nn.ModuleList([unet.Linear(in_channels + emb, width)] +
-                                          [unet.Linear(width, width) for _ in range(depth - 1)])
-        self.out = unet.Linear(width, out_channels)
-
-    def _new(self, module):
-        p = next(self.parameters())
-        return module.to(device=p.device, dtype=p.dtype)
-
-    def enable_step_condition(self):
-        """SFD-v's step N, embedded like the noise level and added to the embedding (App. D.1)."""
-        if not self.use_step_condition:
-            self.map_step = self._new(unet.ConditionEmbedding(self.emb, self.emb, self.emb, zero_out=True))
-            self.use_step_condition = True
-        return self
-
-    def enable_guidance_condition(self):
-        """Meng's w, embedded like the noise level and added to the noise features (Sec. 3.1)."""
-        if not self.use_guidance_condition:
-            self.map_guidance = self._new(unet.ConditionEmbedding(self.emb, self.emb, self.emb, zero_out=True))
-            self.use_guidance_condition = True
-        return self
-
-    def forward(self, x, noise_labels, class_labels=None, step=None, guidance=None, augment_labels=None):
-        emb = self.map_noise(noise_labels)
-        if guidance is not None:
-            emb = emb + self.map_guidance(guidance)
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels * math.sqrt(self.label_dim))
-        emb = torch.nn.functional.silu(self.map_layer(emb))
-        if step is not None:
-            emb = emb + self.map_step(step)
-        h = torch.cat([x, emb], dim=1)
-        for layer in self.layers:
-            h = torch.nn.functional.silu(layer(h))
-        return self.out(h)
-
-
-unet.MODELS['ToyMLP'] = ToyMLP  # so that unet.load_model rebuilds saved toy networks
-
-
 def toy_net(label_dim=0, width=256, depth=4):
-    """An MLP denoiser for 2-D points, wrapped in EDM's preconditioning (unet.EDMPrecond)."""
+    """An MLP denoiser for 2-D points (unet.ToyMLP) wrapped in EDM's preconditioning (unet.EDMPrecond)."""
     return unet.EDMPrecond(img_resolution=1, img_channels=2, label_dim=label_dim, sigma_data=SIGMA_DATA,
                            model_type='ToyMLP', width=width, depth=depth)
 
@@ -178,28 +120,12 @@ def train_toy(name, label_dropout=0.0, steps=3000, batch=512, lr=2e-3, ema=0.995
     return ema_net
 
 
-def toy_teacher(name='ring', cond=False, device='cpu', cache=True, progress=True, **train_kwargs):
-    """A trained toy teacher (eval mode) and its metadata, cached on disk by its settings.
-
-    `cond=True` trains a class-conditional teacher with label dropout 0.1 (for guidance).
-    The cache lives in `<download cache>/toy`, so tests and notebooks train each teacher once.
-    """
-    import data
-    settings = dict(name=name, label_dropout=0.1 if cond else 0.0, **train_kwargs)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    path = data.cache_root() / 'toy' / f'toy-{name}{"-cond" if cond else ""}-{key}.pt'
-    if cache and path.is_file():
-        net, meta = unet.load_model(path, device=device)
-        return net.eval().requires_grad_(False), meta
-    t0 = time.time()
-    net = train_toy(name, progress=progress, device=device, **{k: v for k, v in settings.items() if k != 'name'})
-    meta = dict(kind='toy-teacher', toy=name, train=settings, shape=[2], train_seconds=time.time() - t0,
-                sampling=dict(solver='heun', nfe=35, afs=False, schedule='polynomial', rho=7.0,
-                              t_min=0.002, t_max=80.0, ends_at_zero=True))
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        unet.save_model(path, net, **meta)
-    return net, meta
+def teacher_settings(name, cond=False):
+    """The training settings of the cached toy teacher `toy:<name>[:cond]` (models.py caches by them):
+    `cond` adds label dropout 0.1, so the network is its own unconditional model for guidance."""
+    if name not in DATASETS:
+        raise ValueError(f'unknown toy data set {name!r}; choose one of {DATASETS}')
+    return dict(name=name, label_dropout=0.1 if cond else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,14 +183,13 @@ def evaluate(denoiser, sampling, teacher_ref, data_ref, z, nfe=None, **cond):
 
 def solver_config(solver, nfe, t_min=0.006, t_max=80.):
     """The baselines' configuration: a training-free solver on the same polynomial schedule."""
-    return dict(solver=solver, nfe=nfe, afs=False, schedule='polynomial', rho=7.0, t_min=t_min, t_max=t_max)
+    return solvers.Recipe(solver, nfe, afs=False, t_min=t_min, t_max=t_max, ends_at_zero=False)
 
 
-def before_after_table(name, student, meta, teacher=None, first_stage=None, n=2000):
+def before_after_table(name, student, meta, teacher, first_stage=None, n=2000):
     """The student against DPM-Solver++(3M) and Euler at equal NFE, from the same noise; with
     `first_stage` = (net, meta) of an SFD/SFD-v model, also that model at the same NFE."""
-    teacher = teacher or toy_teacher(name)[0]
-    s = meta['sampling']
+    s = solvers.Recipe.from_dict(meta['sampling']).to_dict()
     z = eval_noise(n)
     ref = reference_solution(teacher, z, s['t_min'], s['t_max'])
     data_ref = toy_data(name, n, generator=torch.Generator().manual_seed(99))[0]
@@ -288,12 +213,13 @@ def before_after_table(name, student, meta, teacher=None, first_stage=None, n=20
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description='Train (or load) a toy teacher and measure the solvers on it.')
+    p = argparse.ArgumentParser(description='Train a toy teacher (about 30 s) and measure the solvers on it.')
     p.add_argument('name', nargs='?', default='ring', choices=DATASETS)
     p.add_argument('--cond', action='store_true', help='class-conditional with label dropout 0.1')
     args = p.parse_args()
-    teacher, meta = toy_teacher(args.name, cond=args.cond)
-    print(f'toy:{args.name} teacher, trained in {meta.get("train_seconds", 0):.0f} s')
+    t0 = time.time()
+    teacher = train_toy(args.name, **{k: v for k, v in teacher_settings(args.name, args.cond).items() if k != 'name'})
+    print(f'toy:{args.name} teacher, trained in {time.time() - t0:.0f} s (models.load caches it as a spec)')
     z = eval_noise()
     ref = reference_solution(teacher, z)
     data_ref = toy_data(args.name, len(z), generator=torch.Generator().manual_seed(99))[0]

@@ -1,27 +1,21 @@
-"""The EDM networks that SFD distils, their preconditioning, their two extra conditions, their files.
+"""The denoiser networks: EDM's U-Nets, their preconditioning and conditions, and the toy MLP.
 
-Karras et al. 2022 (EDM) wrap a U-Net F in a preconditioning that makes it a denoiser D(x; sigma)
+Karras et al. 2022 (EDM) wrap a network F in a preconditioning that makes it a denoiser D(x; sigma)
 (EDM Eq. 7, Table 1). Two U-Nets cover every official checkpoint: `SongUNet` (DDPM++ / NCSN++ of
 Song et al.: CIFAR-10, FFHQ, AFHQv2) and `DhariwalUNet` (ADM: ImageNet-64). Parameter names and the
-numerics the weights depend on equal EDM's, so NVIDIA's files load with strict=True and give EDM's
-outputs. Two conditions serve distillation, off by default, switched on as an exact no-op:
+numerics the weights depend on equal EDM's, so NVIDIA's weights load with strict=True and give EDM's
+outputs. `ToyMLP` is the same idea for 2-D points (toy.py). Two conditions serve distillation, off
+by default, switched on as an exact no-op:
   * SFD-v's step condition (SFD Sec. 3.3, App. D.1, Alg. 10 and 12): `net(x, t, step=N)`;
   * Meng et al.'s guidance strength (Sec. 3.1, App. B.2): `net(x, t, guidance=w)`, w = 0 conditional.
-`load_edm(preset | path | URL)` reads NVIDIA's pickles without running code from them;
-`save_model` / `load_model` write and read our own self-describing checkpoints.
+This file imports no sibling module: copied alone it builds every network. Reading and writing
+checkpoints (ours and NVIDIA's pickles) is models.py's job.
 
-    python unet.py cifar10            # download (once) and load a network, count its parameters
+    python unet.py                    # build the official CIFAR-10 DDPM++ and count its parameters
 """
 
-import collections
 import contextlib
-import io
-import itertools
 import math
-import os
-import pickle
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +23,6 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.functional import silu
-
-from data import download
 
 # ---------------------------------------------------------------------------------------------
 # Layers. EDM initialises every weight as gain(mode, fan_in, fan_out) * uniform or normal noise.
@@ -414,8 +406,65 @@ class DhariwalUNet(_UNet):
         return self.out_conv(silu(self.out_norm(x)))
 
 
-# Inner models by name, so that a file can name its model; toy.py registers its MLP here.
-MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+# ---------------------------------------------------------------------------------------------
+# The toy denoiser's inner network: the same conditions on 2-D points (toy.py trains it)
+# ---------------------------------------------------------------------------------------------
+
+class ToyMLP(nn.Module):
+    """The inner network F of a toy denoiser: [x, embedding] -> `depth` SiLU layers -> 2 outputs.
+
+    The embedding is built like a U-Net's: sinusoids of c_noise = ln(sigma) / 4 and a linear map
+    of the (sqrt(C)-scaled, as EDM does) one-hot label, through Linear-SiLU. The step and guidance
+    conditions are the U-Nets' too (ConditionEmbedding, zero-initialised): switching them on
+    leaves the output unchanged until trained.
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, width=256, depth=4, emb=64):
+        super().__init__()
+        self.label_dim, self.emb = label_dim, emb
+        self.use_step_condition = self.use_guidance_condition = False
+        self.map_noise = PositionalEmbedding(emb, endpoint=True)
+        self.map_label = Linear(label_dim, emb) if label_dim else None
+        self.map_layer = Linear(emb, emb)
+        self.layers = nn.ModuleList([Linear(in_channels + emb, width)] +
+                                          [Linear(width, width) for _ in range(depth - 1)])
+        self.out = Linear(width, out_channels)
+
+    def _new(self, module):
+        p = next(self.parameters())
+        return module.to(device=p.device, dtype=p.dtype)
+
+    def enable_step_condition(self):
+        """SFD-v's step N, embedded like the noise level and added to the embedding (App. D.1)."""
+        if not self.use_step_condition:
+            self.map_step = self._new(ConditionEmbedding(self.emb, self.emb, self.emb, zero_out=True))
+            self.use_step_condition = True
+        return self
+
+    def enable_guidance_condition(self):
+        """Meng's w, embedded like the noise level and added to the noise features (Sec. 3.1)."""
+        if not self.use_guidance_condition:
+            self.map_guidance = self._new(ConditionEmbedding(self.emb, self.emb, self.emb, zero_out=True))
+            self.use_guidance_condition = True
+        return self
+
+    def forward(self, x, noise_labels, class_labels=None, step=None, guidance=None, augment_labels=None):
+        emb = self.map_noise(noise_labels)
+        if guidance is not None:
+            emb = emb + self.map_guidance(guidance)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.label_dim))
+        emb = silu(self.map_layer(emb))
+        if step is not None:
+            emb = emb + self.map_step(step)
+        h = torch.cat([x, emb], dim=1)
+        for layer in self.layers:
+            h = silu(layer(h))
+        return self.out(h)
+
+
+# Inner models by the name a checkpoint stores (init_kwargs['model_type']): one explicit table.
+MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'ToyMLP': ToyMLP}
 
 
 class EDMPrecond(nn.Module):
@@ -424,7 +473,7 @@ class EDMPrecond(nn.Module):
     Keywords are EDM's (the `_init_kwargs` in NVIDIA's files build it), the inner model's, and
     `use_step_condition` / `use_guidance_condition`. `model_type` is a name in MODELS (default
     SongUNet; EDM's is DhariwalUNet, but its files always name one) or a class, added to MODELS.
-    Such a class (toy.py's MLP) is built as cls(img_resolution=, in_channels=, out_channels=,
+    Such a class (e.g. ToyMLP) is built as cls(img_resolution=, in_channels=, out_channels=,
     label_dim=, **model_kwargs), called as F(x_in [B, ...], c_noise [B], class_labels, **conds)
     with conds among augment_labels, step, guidance (only those given), and has methods
     enable_step_condition / enable_guidance_condition setting flags use_*_condition (see _UNet).
@@ -439,8 +488,7 @@ class EDMPrecond(nn.Module):
         if isinstance(model_type, type):
             MODELS[model_type.__name__], model_type = model_type, model_type.__name__
         if model_type not in MODELS:
-            raise ValueError(f'unknown model_type {model_type!r} (known: {sorted(MODELS)}): import the '
-                             'module that defines it first (e.g. `import toy`)')
+            raise ValueError(f'unknown model_type {model_type!r}: this file knows {sorted(MODELS)}')
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16  # EDM's flag; here it means bf16 autocast on CUDA
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
@@ -506,194 +554,9 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * F_x.to(dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# Our own checkpoints: one torch.save dict of tensors and plain Python values
-# ---------------------------------------------------------------------------------------------
-
-FORMAT = 'diffdistill-model-v1'
-
-
-def _check_plain(value, where):
-    """Raise unless `value` is something torch.load(weights_only=True) reads back (np.float64 is not)."""
-    if isinstance(value, (list, tuple, dict)):
-        for k, v in value.items() if isinstance(value, dict) else enumerate(value):
-            _check_plain(v, f'{where}[{k!r}]')
-    elif type(value) not in (str, int, float, bool, type(None)) and not isinstance(value, torch.Tensor):
-        raise TypeError(f'{where} is a {type(value).__name__}: save only plain Python values and tensors')
-
-
-def save_model(path, net, **meta):
-    """Write EDMPrecond `net` and free metadata `meta` (plain Python values; distill.py stores how to
-    sample it) to `path` atomically: state dict + constructor keywords (conditions included)."""
-    _check_plain(net.init_kwargs, 'init_kwargs')
-    _check_plain(meta, 'meta')
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-    try:
-        torch.save(dict(format=FORMAT, init_kwargs=net.init_kwargs, state_dict=state, meta=meta), tmp)
-        os.replace(tmp, path)  # readers see the old file or the complete new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _build(init_kwargs, state_dict, device):
-    """EDMPrecond(**init_kwargs) holding exactly `state_dict` (strict), built without a random init."""
-    with torch.device('meta'):
-        net = EDMPrecond(**init_kwargs)
-    net.load_state_dict(state_dict, strict=True, assign=True)
-    if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):  # e.g. unsaved buffers
-        net = EDMPrecond(**init_kwargs)
-        net.load_state_dict(state_dict, strict=True)
-    return net.to(device).eval()
-
-
-def load_model(path, device='cpu'):
-    """Read a `save_model` file (weights_only): returns (net, meta) -- net an EDMPrecond in eval mode
-    on `device`, meta the dict of keywords given to save_model."""
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{path} is not a readable model file ({type(e).__name__}: {e}); expected one '
-                         'written by unet.save_model (NVIDIA .pkl files: use load_edm)') from e
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
-        raise ValueError(f'{path} was not written by unet.save_model (no {FORMAT!r} marker)')
-    return _build(ckpt['init_kwargs'], ckpt['state_dict'], device), ckpt['meta']
-
-
-# ---------------------------------------------------------------------------------------------
-# NVIDIA's EDM pickles, read as data: no code from the file ever runs
-# ---------------------------------------------------------------------------------------------
-
-# NVIDIA's official EDM networks (EDM README); 'vp' / 've' name the DDPM++ / NCSN++ architecture,
-# all use EDM's preconditioning. The file names are edm-<preset>.pkl.
-EDM_PRESETS = ('cifar10-32x32-uncond-vp', 'cifar10-32x32-cond-vp', 'cifar10-32x32-uncond-ve',
-               'cifar10-32x32-cond-ve', 'ffhq-64x64-uncond-vp', 'ffhq-64x64-uncond-ve',
-               'afhqv2-64x64-uncond-vp', 'afhqv2-64x64-uncond-ve', 'imagenet-64x64-cond-adm')
-# NVIDIA publishes no checksums for these files, so downloads are not sha256-verified.
-EDM_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-{}.pkl'
-EDM_ALIASES = {'cifar10': 'cifar10-32x32-uncond-vp', 'cifar10-uncond': 'cifar10-32x32-uncond-vp',
-               'cifar10-cond': 'cifar10-32x32-cond-vp', 'cifar10-uncond-ve': 'cifar10-32x32-uncond-ve',
-               'cifar10-cond-ve': 'cifar10-32x32-cond-ve', 'ffhq': 'ffhq-64x64-uncond-vp',
-               'ffhq-ve': 'ffhq-64x64-uncond-ve', 'afhqv2': 'afhqv2-64x64-uncond-vp',
-               'afhqv2-ve': 'afhqv2-64x64-uncond-ve', 'imagenet': 'imagenet-64x64-cond-adm'}
-
-
-class _Record:
-    """One pickled object kept as data: class name and attribute dict (`state`). torch's ModuleDict
-    arrives as NEWOBJ + BUILD(__dict__) and lands here; EDM's classes via _persistent_object."""
-    class_name = 'ModuleDict'
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError('malformed module state')
-        self.state = state
-
-
-def _persistent_object(meta):
-    """Stands in for torch_utils.persistence._reconstruct_persistent_obj, which would exec()
-    meta['module_src'] (EDM's networks.py) to rebuild the class: we keep the state, unexecuted."""
-    if not (isinstance(meta, dict) and meta.get('type') == 'class' and meta.get('version') == 6
-            and isinstance(meta.get('class_name'), str)):
-        raise pickle.UnpicklingError('malformed persistent object')
-    record = _Record()
-    record.__setstate__(meta.get('state'))
-    record.class_name = meta['class_name']
-    return record
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    """torch._utils._rebuild_tensor_v2 plus bounds checks (Tensor.set_ alone would read past the storage)."""
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))  # the last element's index
-    if not isinstance(storage, torch.storage.TypedStorage) or offset < 0 or min(stride, default=0) < 0 or (
-            min(size, default=1) > 0 and last >= storage.size()):
-        raise pickle.UnpicklingError('malformed tensor record')
-    return torch.empty(0, dtype=storage.dtype).set_(storage._untyped_storage, offset, size, stride)
-
-
-def _numpy_scalar(dtype, data):
-    """numpy's scalar(dtype, raw bytes) -> a Python number (EDM stores e.g. skip_scale as np.float64)."""
-    if not (isinstance(dtype, np.dtype) and dtype.kind in 'biuf' and isinstance(data, bytes)):
-        raise pickle.UnpicklingError('unexpected numpy scalar')
-    return np.frombuffer(data, dtype)[0].item()
-
-
-class _EDMUnpickler(pickle.Unpickler):
-    """Allows exactly the globals an EDM snapshot uses, each mapped to a harmless stand-in."""
-    ALLOWED = {('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_object,
-               ('torch.nn.modules.container', 'ModuleDict'): _Record,
-               ('collections', 'OrderedDict'): collections.OrderedDict, ('builtins', 'set'): set,
-               ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-               ('torch._utils', '_rebuild_parameter'): lambda data, *_: data,  # drops hooks and grad flags
-               # each storage is a legacy torch.save stream of its own, read weights-only
-               ('torch.storage', '_load_from_bytes'): lambda blob: torch.load(io.BytesIO(blob), 'cpu',
-                                                                               weights_only=True),
-               ('numpy', 'dtype'): np.dtype,
-               ('numpy.core.multiarray', 'scalar'): _numpy_scalar,  # numpy 1.x (the 2022 files)
-               ('numpy._core.multiarray', 'scalar'): _numpy_scalar}  # numpy 2
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'refusing global {module}.{name}: not part of an EDM network file')
-        return self.ALLOWED[module, name]
-
-
-def _state_dict(record, prefix='', out=None):
-    """Walk a record tree as nn.Module.state_dict does: parameters, persistent buffers, children."""
-    st, out = record.state, {} if out is None else out
-    hidden = st.get('_non_persistent_buffers_set') or set()
-    for name, t in itertools.chain((st.get('_parameters') or {}).items(), (st.get('_buffers') or {}).items()):
-        if t is not None and name not in hidden:
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f'{prefix}{name} is not a tensor')
-            out[prefix + name] = t
-    for name, child in (st.get('_modules') or {}).items():
-        if child is not None:
-            if not isinstance(child, _Record):
-                raise ValueError(f'{prefix}{name} is not a module')
-            _state_dict(child, f'{prefix}{name}.', out)
-    return out
-
-
-def read_edm_pickle(path):
-    """An EDM snapshot's 'ema' network as data: (init_kwargs, state_dict). Runs nothing from the file."""
-    try:
-        with open(path, 'rb') as f:
-            snapshot = _EDMUnpickler(f).load()
-        ema = snapshot['ema']
-        if not isinstance(ema, _Record) or ema.class_name != 'EDMPrecond':
-            found = getattr(ema, 'class_name', type(ema).__name__)
-            raise ValueError(f'"ema" is a {found}, not an EDMPrecond (VP/VE/iDDPM baselines are unsupported)')
-        if not isinstance(ema.state.get('_init_kwargs'), dict):
-            raise ValueError('the network records no constructor keywords')
-        return dict(ema.state['_init_kwargs']), _state_dict(ema)
-    except Exception as e:
-        raise ValueError(f'{path} is not a loadable EDM network pickle: {type(e).__name__}: {e}') from e
-
-
-def load_edm(source, device='cpu'):
-    """NVIDIA's EDM network as our EDMPrecond, in eval mode on `device`.
-
-    `source`: a preset (a key of EDM_PRESETS, e.g. 'cifar10-32x32-uncond-vp', 'edm-' prefix optional),
-    an alias (EDM_ALIASES: 'cifar10' = 'cifar10-uncond', 'cifar10-cond', 'cifar10-uncond-ve',
-    'cifar10-cond-ve', 'ffhq', 'ffhq-ve', 'afhqv2', 'afhqv2-ve', 'imagenet'), a .pkl path or a URL
-    (downloaded once by data.download). Only the snapshot's 'ema' is read (not loss_fn/augment_pipe).
-    """
-    name = EDM_ALIASES.get(str(source), str(source).removeprefix('edm-'))
-    if name in EDM_PRESETS:
-        source = EDM_URL.format(name)
-    elif '://' not in str(source) and not Path(source).expanduser().is_file():
-        raise ValueError(f'{source!r} is no preset ({", ".join(EDM_PRESETS)}), alias '
-                         f'({", ".join(EDM_ALIASES)}), file or URL')
-    path = download(source)
-    kwargs, state = read_edm_pickle(path)
-    try:
-        return _build(kwargs, state, device)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f'{path}: its network ({kwargs}) does not match our EDM classes: {e}') from e
-
-
 if __name__ == '__main__':
-    net = load_edm(sys.argv[1] if len(sys.argv) > 1 else 'cifar10')
+    # EDM's CIFAR-10 DDPM++, the network of edm-cifar10-32x32-uncond-vp.pkl (55,733,891 parameters).
+    net = EDMPrecond(img_resolution=32, img_channels=3, model_type='SongUNet', embedding_type='positional',
+                     encoder_type='standard', decoder_type='standard', channel_mult_noise=1,
+                     resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
     print(f'{type(net.model).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters')

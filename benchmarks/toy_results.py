@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distill  # noqa: E402
 import toy  # noqa: E402
-import unet  # noqa: E402
+import models  # noqa: E402
 
 
 def run(method, seed, out, **kw):
@@ -26,7 +26,7 @@ def run(method, seed, out, **kw):
     for k, v in kw.items():
         setattr(cfg, k, v)
     distill.distill(cfg, progress=False, log=lambda *_: None)
-    return unet.load_model(Path(cfg.run_dir) / 'student.pt')
+    return models.load_model(Path(cfg.run_dir) / 'student.pt')
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     p.add_argument('--out', default='runs/toy-results')
     args = p.parse_args()
     out = Path(args.out)
-    teacher = toy.toy_teacher('ring')[0]
+    teacher = models.load('toy:ring')[0]
     z = toy.eval_noise()
     ref = toy.reference_solution(teacher, z)
     data_ref = toy.toy_data('ring', len(z), generator=torch.Generator().manual_seed(99))[0]

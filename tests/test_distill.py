@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import models
 import distill
 import solvers
 import toy
@@ -23,7 +24,7 @@ from conftest import ROOT, Counter
 
 @pytest.fixture(scope='session')
 def teacher():
-    return toy.toy_teacher('ring')[0]
+    return models.load('toy:ring')[0]
 
 
 @pytest.fixture(scope='session')
@@ -125,7 +126,7 @@ def test_non_finite_loss_stops_with_iteration_and_step(tmp_path):
         def forward(self, x, t, **c):
             return self.net(x, t, **c) * float('nan')
     net = toy.toy_net()
-    unet.save_model(tmp_path / 'nan.pt', net, sampling=dict(solver='euler', nfe=5, afs=True, schedule='polynomial',
+    models.save_model(tmp_path / 'nan.pt', net, sampling=dict(solver='euler', nfe=5, afs=True, schedule='polynomial',
                                                             rho=7.0, t_min=0.006, t_max=80.0, step_values=None),
                     shape=[2], teacher='toy:ring')
     cfg = toy_cfg(tmp_path, teacher=str(tmp_path / 'nan.pt'), kimg=0.5, batch=32)
@@ -150,7 +151,7 @@ def test_sfd_with_afs_at_2_nfe(teacher, evaluation, tmp_path):
     student, summary = distill.distill(cfg, progress=False, log=lambda *_: None,
                                        on_tick=lambda row, net: curve.append(
                                            metric_a(net, distill.sampling_config(cfg, net), evaluation)))
-    net, meta = unet.load_model(tmp_path / 'run' / 'student.pt')
+    net, meta = models.load_model(tmp_path / 'run' / 'student.pt')
     s = meta['sampling']
     assert s['nfe'] == 2 and s['afs'] and s['solver'] == 'euler' and meta['method'] == 'sfd'
     start = metric_a(teacher, s, evaluation)  # the untrained student is the teacher
@@ -176,7 +177,7 @@ def sfd_v(tmp_path_factory):
 
 
 def test_sfd_v_beats_dpm_solver_at_every_nfe(teacher, evaluation, sfd_v):
-    net, meta = unet.load_model(sfd_v)
+    net, meta = models.load_model(sfd_v)
     s = meta['sampling']
     assert net.use_step_condition and s['nfe'] == [2, 3, 4, 5]
     assert s['step_values'] == {'2': 4, '3': 5, '4': 6, '5': 7}  # the official "number of timestamps"
@@ -192,8 +193,8 @@ def test_second_stage_one_nfe_beats_first_stage(evaluation, sfd_v, tmp_path):
     cfg = toy_cfg(tmp_path, teacher=str(sfd_v), method='second-stage', kimg=40)
     assert cfg.K == 3 and cfg.nfe == 1 and cfg.lr == 5e-4
     distill.distill(cfg, progress=False, log=lambda *_: None)
-    net, meta = unet.load_model(tmp_path / 'run' / 'student.pt')
-    first, first_meta = unet.load_model(sfd_v)
+    net, meta = models.load_model(tmp_path / 'run' / 'student.pt')
+    first, first_meta = models.load_model(sfd_v)
     one = metric_a(net, meta['sampling'], evaluation)
     # The first-stage model at 1 NFE (an NFE it was not trained at): step value 1 + AFS + 1.
     first_one = metric_a(first, first_meta['sampling'], evaluation, nfe=1, step=3)
@@ -242,14 +243,14 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path):
 def test_two_process_ddp_matches_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes half of the same global batch, so the
     weights equal a 1-process run's up to float reduction order."""
-    toy.toy_teacher('ring')  # make sure the cached teacher exists before the workers start
+    models.load('toy:ring')  # make sure the cached teacher exists before the workers start
     args = ['--teacher', 'toy:ring', '--kimg', '0.256', '--batch', '64', '--quiet', '--device', 'cpu']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
                     str(ROOT / 'distill.py'), *args, '--run-dir', str(tmp_path / 'ddp')],
                    check=True, env=env, cwd=tmp_path, capture_output=True)
     one, _ = distill.distill(toy_cfg(tmp_path, kimg=0.256, batch=64), progress=False, log=lambda *_: None)
-    two, meta = unet.load_model(tmp_path / 'ddp' / 'student.pt')
+    two, meta = models.load_model(tmp_path / 'ddp' / 'student.pt')
     assert meta['kimg'] == pytest.approx(0.256)
     for (k, p), q in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=k)
@@ -271,7 +272,7 @@ def test_image_teacher_code_path(tmp_path):
     torch.manual_seed(0)
     net = unet.EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_channels=16,
                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-    unet.save_model(tmp_path / 'teacher.pt', net)
+    models.save_model(tmp_path / 'teacher.pt', net)
     with zipfile.ZipFile(tmp_path / 'images.zip', 'w') as z:
         labels = []
         for i in range(8):
@@ -286,7 +287,7 @@ def test_image_teacher_code_path(tmp_path):
         distill.apply_defaults(cfg)
         student, summary = distill.distill(cfg, progress=False, log=lambda *_: None)
         assert summary['iterations'] == 2
-        saved, meta = unet.load_model(tmp_path / method / 'student.pt')
+        saved, meta = models.load_model(tmp_path / method / 'student.pt')
         assert meta['shape'] == [3, 8, 8] and saved.label_dim == 4
         x = solvers.sample_with(saved, torch.randn(2, 3, 8, 8), meta['sampling'],
                                 class_labels=torch.eye(4)[:2])

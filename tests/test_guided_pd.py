@@ -1,6 +1,6 @@
 """Tests for guided_pd.py: Meng et al.'s guidance distillation on a toy CFG teacher (CPU).
 
-The teacher is toy.toy_teacher('ring', cond=True): an MLP trained jointly on 8 labelled Gaussians
+The teacher is models.load('toy:ring:cond'): an MLP trained jointly on 8 labelled Gaussians
 with label dropout 0.1, so its null label is its own unconditional model. Metric A is the mean
 distance of a sample to the guided teacher's own fine ODE solution from the same noise. The runs
 below use seed 0; seeds 1 and 2 were run by hand with the same settings and pass every test; each
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
 import guided_pd as gp
 import solvers
 import toy
@@ -175,8 +176,8 @@ def test_student_starts_as_the_conditional_teacher_without_dropout(teacher, tmp_
     assert student.training
     assert torch.equal(student(xi, 1.0, yi, guidance=2.0), student(xi, 1.0, yi, guidance=2.0))
     assert torch.equal(student.eval()(xi, 1.0, yi, guidance=2.0), cond.eval()(xi, 1.0, yi))
-    unet.save_model(tmp_path / 's.pt', student)
-    rebuilt = unet.load_model(tmp_path / 's.pt')[0].train()
+    models.save_model(tmp_path / 's.pt', student)
+    rebuilt = models.load_model(tmp_path / 's.pt')[0].train()
     assert all(m.dropout == 0 for m in rebuilt.modules() if isinstance(m, unet.UNetBlock))
 
 
@@ -260,11 +261,11 @@ def test_stage_two_students_beat_ddim_with_cfg_at_equal_nfe(teacher, determinist
     (w = 1, the 4-step student). Asserted: 1.3x for both."""
     D_w, _ = teacher
     z, Y, _, _ = evaluation
-    assert [unet.load_model(p)[1]['N'] for p in deterministic] == [4, 2, 1]
+    assert [models.load_model(p)[1]['N'] for p in deterministic] == [4, 2, 1]
     for w in WS:
         ref = gp.guided_reference(D_w, z, w, steps=128, class_labels=Y)
         for path in deterministic:
-            net, meta = unet.load_model(path)
+            net, meta = models.load_model(path)
             N = meta['N']
             a = toy.fidelity(gp.sample_student(net, meta, z, w, class_labels=Y), ref)
             for k in {max(N // 2, 1), N}:  # CFG steps: equal NFE, and twice the NFE
@@ -274,7 +275,7 @@ def test_stage_two_students_beat_ddim_with_cfg_at_equal_nfe(teacher, determinist
 
 def test_student_file_round_trip_and_sampling(deterministic, evaluation):
     z, Y, _, _ = evaluation
-    net, meta = unet.load_model(deterministic[0])
+    net, meta = models.load_model(deterministic[0])
     assert meta['sampling']['t_steps'] == gp.cosine_grid(4).tolist() and meta['stochastic'] is False
     assert meta['guidance_range'] == [0.0, 4.0] and net.use_guidance_condition
     counted = Counter(net)
@@ -328,7 +329,7 @@ def test_stochastic_stage_two_and_sampler(teacher, stage1, evaluation):
     paths = gp.stage_two(cfg, progress=False, log=lambda *a: None)
     prev = stage1[0]
     for path in paths:
-        net, meta = unet.load_model(path)
+        net, meta = models.load_model(path)
         N = meta['N']
         assert meta['stochastic'] and meta['sampling']['solver'] == 'stochastic'
         assert meta['sampling']['t_steps'] == gp.cosine_grid(N).tolist()
@@ -361,7 +362,7 @@ def test_cli_runs_both_stages_down_to_one_step(teacher, tmp_path):
     # A stage-two file continues the chain: its step count becomes start_n.
     cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(tmp_path / 's2' / 'student-n2.pt'), 'round_iters': 2,
                              'final_round_iters': 2}, run_dir=str(tmp_path / 's3'))
-    assert [unet.load_model(p)[1]['N'] for p in gp.stage_two(cfg, progress=False, log=lambda *a: None)] == [1]
+    assert [models.load_model(p)[1]['N'] for p in gp.stage_two(cfg, progress=False, log=lambda *a: None)] == [1]
     with pytest.raises(ValueError, match='stage-one student'):
         gp.stage_two(gp.GuidedConfig(teacher='toy:ring', run_dir=str(tmp_path / 'x')), log=lambda *a: None)
 
@@ -372,8 +373,8 @@ def test_image_teacher_code_path(tmp_path):
     kw = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
               attn_resolutions=[4], dropout=0.13)
     torch.manual_seed(0)
-    unet.save_model(tmp_path / 'cond.pt', unet.EDMPrecond(label_dim=10, **kw))
-    unet.save_model(tmp_path / 'uncond.pt', unet.EDMPrecond(**kw))
+    models.save_model(tmp_path / 'cond.pt', unet.EDMPrecond(label_dim=10, **kw))
+    models.save_model(tmp_path / 'uncond.pt', unet.EDMPrecond(**kw))
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(32) % 10
     run = dict(device='cpu', batch=4, iters=3, round_iters=2, final_round_iters=2, tick=2)
@@ -384,7 +385,7 @@ def test_image_teacher_code_path(tmp_path):
     paths = gp.stage_two(gp.GuidedConfig(teacher=str(tmp_path / 's1' / 'student.pt'), start_n=4,
                                          run_dir=str(tmp_path / 's2'), **run), dataset=(images, labels),
                          progress=False, log=lambda *a: None)
-    student, m = unet.load_model(paths[-1])
+    student, m = models.load_model(paths[-1])
     x = gp.sample_student(student, m, torch.randn(2, 3, 8, 8), 1.5, class_labels=torch.eye(10)[:2])
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
     cfg = gp.GuidedConfig(teacher=str(tmp_path / 'cond.pt'), uncond='', run_dir=str(tmp_path / 'y'), **run)

@@ -18,6 +18,7 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
+import models
 import fid
 import sample
 import solvers
@@ -61,10 +62,10 @@ def edm_latents(seed, shape, label_dim=0):
 def files(tmp_path_factory):
     """Model files of ours: an unconditional and a conditional teacher, and an untrained toy MLP."""
     d = tmp_path_factory.mktemp('models')
-    unet.save_model(d / 'uncond.pt', tiny())
-    unet.save_model(d / 'cond.pt', tiny(label_dim=4, seed=1))
+    models.save_model(d / 'uncond.pt', tiny())
+    models.save_model(d / 'cond.pt', tiny(label_dim=4, seed=1))
     torch.manual_seed(2)
-    unet.save_model(d / 'toy.pt', toy.toy_net(label_dim=3, width=32, depth=2))
+    models.save_model(d / 'toy.pt', toy.toy_net(label_dim=3, width=32, depth=2))
     return d
 
 
@@ -176,7 +177,7 @@ def test_classifier_free_guidance_costs_two_calls_per_evaluation():
     y = torch.eye(4)[[edm_latents(s_, [3, 8, 8], 4)[1] for s_ in (0, 1)]]
     D_w = lambda x_, t, **c: ((1 + w) * net(x_.float(), t, class_labels=y)
                               - w * net(x_.float(), t, class_labels=0 * y))
-    ref = solvers.sample(D_w, 80 * z, solvers.sampling_schedule(s)[0], 'heun')
+    ref = solvers.sample(D_w, 80 * z, solvers.schedule_for(s)[0], 'heun')
     torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
     # An unconditional model as the unconditional branch (EDM's cond. CIFAR-10 had no label dropout).
     uncond = tiny(seed=3)
@@ -206,10 +207,10 @@ def test_a_stage_two_guided_student_samples_its_stored_grid(solver, tmp_path):
     and their sampler: N calls at the grid's first N points, w as an input, no other NFE."""
     grid = [80.0, 2.3549, 0.9896, 0.4123, 0.0]
     net = tiny(label_dim=4, seed=5).enable_guidance_condition()
-    unet.save_model(tmp_path / 's.pt', net, kind='guided-stage2', N=4, stochastic=solver == 'stochastic',
+    models.save_model(tmp_path / 's.pt', net, kind='guided-stage2', N=4, stochastic=solver == 'stochastic',
                     sampling=dict(solver=solver, nfe=4, afs=False, schedule='cosine', t_min=0.002, t_max=80.0,
                                   ends_at_zero=True, t_steps=grid))
-    net, meta = sample.load(tmp_path / 's.pt')
+    net, meta = models.load(tmp_path / 's.pt')
     calls = Calls(net)
     s = sample.resolve_sampling(meta)
     plan = sample.make_plan(net, s, guidance=0.5)
@@ -252,13 +253,13 @@ def student(tmp_path_factory):
     sampling = dict(solver='euler', nfe=[2, 3], afs=True, schedule='polynomial', rho=7.0, t_min=0.006,
                     t_max=80.0, step_values={'2': 4, '3': 5})
     path = tmp_path_factory.mktemp('student') / 'student.pt'
-    unet.save_model(path, net, sampling=sampling, method='sfd-v', teacher='x', shape=[3, 8, 8])
+    models.save_model(path, net, sampling=sampling, method='sfd-v', teacher='x', shape=[3, 8, 8])
     return path
 
 
 def test_sfd_v_student_sampling_is_honoured(student, capsys):
     """SFD Alg. 8: Euler over the student's own schedule, AFS, and the trained step value."""
-    net, meta = sample.load(student)
+    net, meta = models.load(student)
     calls = Calls(net)
     s = sample.resolve_sampling(meta, 3)
     x = sample.generate(net, [0, 9], s, nfe=3, progress=False, raw=True)
@@ -278,7 +279,7 @@ def test_sfd_v_student_sampling_is_honoured(student, capsys):
 
 def test_student_overrides_and_untrained_nfe_warn(student):
     """Sampling a student off its trained configuration works, but never silently."""
-    net, meta = sample.load(student)
+    net, meta = models.load(student)
     with pytest.warns(UserWarning, match='overriding the sfd-v student'):
         s = sample.resolve_sampling(meta, 3, solver='heun')
     assert s['solver'] == 'heun' and s['nfe'] == [2, 3]
@@ -303,7 +304,7 @@ def test_grid_folder_and_npz_agree(files, tmp_path):
     out = sample.main(['--model', str(files / 'cond.pt'), '--seeds', '0-2,1500,7', '--nfe', '3',
                        '--batch', '2', '--grid', str(tmp_path / 'g.png'), '--outdir', str(tmp_path / 'imgs'),
                        '--npz', str(tmp_path / 's.npz'), '--quiet'])
-    net, _ = sample.load(files / 'cond.pt')
+    net, _ = models.load(files / 'cond.pt')
     x, y = sample.generate(net, seeds, FEW, progress=False, return_labels=True)
     assert torch.equal(out, x)
     with np.load(tmp_path / 's.npz') as f:
@@ -351,7 +352,7 @@ def test_save_grid_is_near_square_and_grayscale_works(tmp_path):
 
 def test_point_models_write_float_points(files, tmp_path):
     """Toy models make 2-D points: kept as floats (no pixel conversion), written to npz only."""
-    net, _ = sample.load(files / 'toy.pt')
+    net, _ = models.load(files / 'toy.pt')
     pts = [sample.generate(net, [0, 1, 2], FEW, batch=b, progress=False) for b in (1, 3)]
     assert pts[0].shape == (3, 2) and pts[0].is_floating_point()
     torch.testing.assert_close(pts[0], pts[1], rtol=0, atol=1e-6)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import solvers
 from solvers import gaussian_denoiser, gaussian_ode_solution, sample, time_schedule
 
@@ -389,8 +390,49 @@ def test_sample_with_follows_a_stored_configuration():
         solvers.sample_with(D, z, cfg)
     # EDM's default sampler as a stored configuration: Heun, 35 NFE, 18 timestamps plus 0.
     edm = dict(solver='heun', nfe=35, schedule='polynomial', rho=7.0, t_min=0.002, t_max=80.0, ends_at_zero=True)
-    t_steps, n = solvers.sampling_schedule(edm)
+    t_steps, n, cond = solvers.schedule_for(edm)
     assert n == 35 and len(t_steps) == 19 and t_steps[-1] == 0 and t_steps[-2] == 0.002
+
+
+def test_recipe_defaults_round_trip_and_old_files():
+    """The recipe is EDM's sampler by default; it survives to_dict -> torch.load(weights_only) ->
+    from_dict; version-0 dicts (no version key) keep their meaning: afs and ends_at_zero off when
+    absent, and a stage-two guided student's grid without rho samples (it raised KeyError 'rho')."""
+    import io
+    r = solvers.Recipe()
+    t, n, cond = solvers.schedule_for(r)
+    assert (r.solver, n, len(t), float(t[-1]), cond) == ('heun', 35, 19, 0.0, {})
+    sfdv = solvers.Recipe('euler', [2, 3], afs=True, t_min=0.006, ends_at_zero=False, step_values={'2': 4, '3': 5})
+    buf = io.BytesIO()
+    torch.save(sfdv.to_dict(), buf)
+    back = solvers.Recipe.from_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert back == sfdv and back.to_dict()['nfe'] == [2, 3]
+    old = dict(solver='euler', nfe=2, schedule='polynomial', rho=7.0, t_min=0.006, t_max=80.0)
+    t_old, _, _ = solvers.schedule_for(old)
+    assert len(t_old) == 3 and float(t_old[-1]) == 0.006  # no trailing 0, no AFS: as the old reader
+    grid = [80.0, 1.0, 0.0]
+    guided_v0 = dict(solver='euler', nfe=2, afs=False, schedule='cosine', t_min=0.002, t_max=80.0,
+                     ends_at_zero=True, t_steps=grid)
+    t_g, _, _ = solvers.schedule_for(guided_v0)
+    assert t_g.tolist() == grid
+    with pytest.raises(ValueError, match='stored grid at NFE 2 only'):
+        solvers.schedule_for(guided_v0, 4)
+    z = torch.randn(4, 2, dtype=F64)
+    torch.testing.assert_close(solvers.sample_with(lambda x, t: 0.5 * x, z, guided_v0),
+                               sample(lambda x, t: 0.5 * x, 80 * z, torch.tensor(grid), 'euler'))
+    with pytest.warns(UserWarning, match='NFE 4 was not trained'):
+        assert solvers.schedule_for(sfdv, 4)[2] == {'step': 6}  # the number of timestamps, 4 + AFS + 1
+    for bad, msg in ((dict(old, colour=1), 'unknown keys'), (dict(old, version=99), 'newer'), ({}, 'not a sampling')):
+        with pytest.raises(ValueError, match=msg):
+            solvers.Recipe.from_dict(bad)
+
+
+@pytest.mark.parametrize('t_steps', [[80.0, math.inf, 1.0], [math.nan, 1.0], [80.0, 1.0, 2.0]])
+def test_non_finite_or_unordered_schedules_are_refused(t_steps):
+    with pytest.raises(ValueError, match='finite|decreasing'):
+        sample(lambda x, t: x, torch.zeros(1, 2), torch.tensor(t_steps), 'euler')
+    with pytest.raises(ValueError, match='t_max < inf'):
+        time_schedule(3, t_max=math.inf)
 
 
 def test_classifier_free_guidance_combination():

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import models
 import solvers
 import toy
 import unet
@@ -64,12 +65,12 @@ def test_sliced_wasserstein_and_fidelity():
 
 @pytest.fixture(scope='session')
 def ring_teacher():
-    return toy.toy_teacher('ring')
+    return models.load('toy:ring')
 
 
 def test_toy_teacher_is_cached_and_learns_the_data(ring_teacher):
     teacher, meta = ring_teacher
-    again, _ = toy.toy_teacher('ring')  # read from the cache, not retrained
+    again, _ = models.load('toy:ring')  # read from the cache, not retrained
     for p, q in zip(teacher.parameters(), again.parameters()):
         assert torch.equal(p, q)
     assert not teacher.training and meta['toy'] == 'ring'
@@ -87,7 +88,7 @@ def test_toy_teacher_is_cached_and_learns_the_data(ring_teacher):
 
 
 def test_conditional_teacher_follows_labels():
-    teacher, meta = toy.toy_teacher('ring', cond=True)
+    teacher, meta = models.load('toy:ring:cond')
     assert teacher.label_dim == 8 and meta['train']['label_dropout'] == 0.1
     z = toy.eval_noise(800)
     y = torch.arange(800) % 8
@@ -107,8 +108,8 @@ def test_conditional_teacher_follows_labels():
 
 def test_toy_model_file_round_trip(tmp_path, ring_teacher):
     teacher, meta = ring_teacher
-    unet.save_model(tmp_path / 't.pt', teacher, **meta)
-    net, meta2 = unet.load_model(tmp_path / 't.pt')
+    models.save_model(tmp_path / 't.pt', teacher, **meta)
+    net, meta2 = models.load_model(tmp_path / 't.pt')
     x = torch.randn(3, 2)
     assert torch.equal(net(x, 1.0), teacher(x, 1.0)) and meta2 == meta
 

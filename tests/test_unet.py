@@ -1,19 +1,12 @@
-"""Tests for unet.py: EDM architectures, preconditioning, the step/guidance conditions, and files.
-
-NVIDIA's EDM code is never imported here: the pickle tests write their own faithful miniature
-of an EDM snapshot (the torch_utils.persistence structure) with a pure-Python pickler.
-"""
-import collections
-import io
+"""Tests for unet.py: EDM architectures, preconditioning, the step/guidance conditions, the toy MLP;
+and that unet.py (and solvers.py) import and build every network when copied alone."""
 import math
-import pickle
-import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import models
 import unet
 
 TINY = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
@@ -114,7 +107,7 @@ def test_official_configurations_have_edms_parameter_counts(name):
         net = unet.EDMPrecond(img_resolution=int(name.split('-')[1].split('x')[0]), img_channels=3, **kw)
     assert sum(p.numel() for p in net.parameters()) == params
     assert len(net.state_dict()) == entries
-    assert set(unet.EDM_PRESETS) >= set(OFFICIAL)
+    assert set(models.EDM_PRESETS) >= set(OFFICIAL)
 
 
 def test_state_dict_names_are_edms():
@@ -337,253 +330,31 @@ def test_gradients_reach_the_new_layers(variant, condition):
 
 
 # ------------------------------------------------------------------------------------------------
-# Our checkpoints
+# One file per concept: unet.py and solvers.py need no sibling module
 # ------------------------------------------------------------------------------------------------
 
-def test_save_load_round_trip(tmp_path):
-    net = tiny('ncsnpp', label_dim=5).enable_step_condition()
-    meta = dict(sampling=dict(solver='euler', nfe=[2, 3], afs=True, schedule='polynomial', rho=7.0,
-                              t_min=0.006, t_max=80.0, step_values={'2': 4, '3': 5}), note=None)
-    path = tmp_path / 'sub' / 'student.pt'
-    unet.save_model(path, net, **meta)
-    assert sorted(p.name for p in path.parent.iterdir()) == ['student.pt']  # no temporary file left
-    torch.load(path, weights_only=True)  # loads without unpickling code
-    net2, meta2 = unet.load_model(path)
-    assert meta2 == meta and not net2.training and net2.use_step_condition
-    x, sigma, y = inputs(net)
-    assert torch.equal(net2(x, sigma, y, step=5), net(x, sigma, y, step=5))
-    # A loaded network can be switched on further and saved again.
-    net2.enable_guidance_condition()
-    unet.save_model(path, net2, kind='guided')
-    net3, meta3 = unet.load_model(path)
-    assert net3.use_guidance_condition and meta3 == {'kind': 'guided'}
+def test_unet_and_solvers_import_when_copied_alone(tmp_path):
+    """Copied into an empty folder, each file imports and works: unet.py builds every network
+    (EDM's U-Nets and the toy MLP), solvers.py samples a closed-form denoiser."""
+    import shutil
+    import subprocess
+    import sys
 
-
-def test_save_load_custom_inner_model(tmp_path):
-    net = unet.EDMPrecond(img_resolution=1, img_channels=2, model_type=Probe, scale=0.5)
-    unet.save_model(tmp_path / 'probe.pt', net, shape=[2])
-    net2, meta = unet.load_model(tmp_path / 'probe.pt')
-    x = torch.randn(4, 2)
-    assert meta == {'shape': [2]} and torch.equal(net2(x, 0.3), net(x, 0.3))
-
-
-def test_bad_files_and_values_raise_clear_errors(tmp_path):
-    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match='not a readable model file'):
-        unet.load_model(tmp_path / 'junk.pt')
-    torch.save({'state_dict': {}}, tmp_path / 'foreign.pt')
-    with pytest.raises(ValueError, match='not written by unet.save_model'):
-        unet.load_model(tmp_path / 'foreign.pt')
-    with pytest.raises(TypeError, match=r"meta\['x'\] is a float64"):
-        unet.save_model(tmp_path / 'bad.pt', tiny(), x=np.float64(1.0))
-    assert not (tmp_path / 'bad.pt').exists()
-    with pytest.raises(ValueError, match='unknown model_type'):
-        unet.EDMPrecond(img_resolution=8, img_channels=3, model_type='NoSuchNet')
-
-
-# ------------------------------------------------------------------------------------------------
-# NVIDIA's pickles: a miniature written the way torch_utils.persistence writes them
-# ------------------------------------------------------------------------------------------------
-
-class Global:
-    """A global written by name (module, qualname) without importing it: STACK_GLOBAL."""
-
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self):  # pickle wants reduce functions to be callable; never called here
-        raise AssertionError
-
-
-class Persistent:
-    """What EDM's persistent classes reduce to: _reconstruct_persistent_obj(meta)."""
-
-    def __init__(self, class_name, state, module_src):
-        self.meta = dict(type='class', version=6, module_src=module_src, class_name=class_name, state=state)
-
-
-class ModuleDictObj:
-    """A torch.nn.ModuleDict: NEWOBJ of the class, then BUILD with its __dict__."""
-
-    def __init__(self, state):
-        self.state = state
-
-
-class Storage:
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class Call:
-    """Any call module.name(*args) written into the pickle (REDUCE), e.g. a malicious one."""
-
-    def __init__(self, module, name, *args):
-        self.func, self.args = Global(module, name), args
-
-
-class EDMPickler(pickle._Pickler):
-    """Pure-Python pickler that writes EDM's snapshot structure; `numpy_module` picks numpy's spelling."""
-    dispatch = dict(pickle._Pickler.dispatch)
-    numpy_module = 'numpy._core.multiarray'
-
-    def save_global_marker(self, obj):
-        self.save(obj.module)
-        self.save(obj.name)
-        self.write(pickle.STACK_GLOBAL)
-        self.memoize(obj)
-
-    def save_module_dict(self, obj):
-        self.save(Global('torch.nn.modules.container', 'ModuleDict'))
-        self.save(())
-        self.write(pickle.NEWOBJ)
-        self.memoize(obj)
-        self.save(obj.state)
-        self.write(pickle.BUILD)
-
-    dispatch[Global] = save_global_marker
-    dispatch[ModuleDictObj] = save_module_dict
-
-    def reducer_override(self, obj):
-        if isinstance(obj, Call):
-            return obj.func, obj.args
-        if isinstance(obj, Persistent):
-            return Global('torch_utils.persistence', '_reconstruct_persistent_obj'), (obj.meta,)
-        if isinstance(obj, nn.Parameter):
-            return Global('torch._utils', '_rebuild_parameter'), (obj.data, False, collections.OrderedDict())
-        if isinstance(obj, torch.Tensor):
-            args = Storage(obj), 0, tuple(obj.shape), obj.stride(), False, collections.OrderedDict()
-            return Global('torch._utils', '_rebuild_tensor_v2'), args
-        if isinstance(obj, Storage):  # a legacy (non-zip) torch.save stream of a typed storage
-            buf = io.BytesIO()
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')  # TypedStorage is deprecated, but it is what the files hold
-                torch.save(obj.tensor.detach().clone().contiguous().storage(), buf,
-                           _use_new_zipfile_serialization=False)
-            return Global('torch.storage', '_load_from_bytes'), (buf.getvalue(),)
-        if isinstance(obj, np.floating):
-            return Global(self.numpy_module, 'scalar'), (obj.dtype, obj.tobytes())
-        return NotImplemented
-
-
-def edm_tree(module, mapping, module_src, init_kwargs=None):
-    """The state tree EDM pickles for one module: its __dict__ with parameters, buffers and children."""
-    kids = mapping((k, edm_tree(v, mapping, module_src)) for k, v in module._modules.items())
-    hooks = {k: mapping() for k in ('_backward_hooks', '_forward_hooks', '_forward_pre_hooks',
-                                    '_state_dict_hooks', '_load_state_dict_pre_hooks')}
-    state = dict(training=False, _parameters=mapping(module._parameters.items()),
-                 _buffers=mapping(module._buffers.items()), _non_persistent_buffers_set=set(), _modules=kids,
-                 **hooks, _is_full_backward_hook=None)
-    if isinstance(module, nn.ModuleDict):
-        return ModuleDictObj(state)
-    for k, v in vars(module).items():  # plain attributes; floats as numpy scalars (EDM's skip_scale)
-        if not k.startswith('_') and isinstance(v, (int, float, bool, type(None))) and k not in state:
-            state[k] = np.float64(v) if isinstance(v, float) else v
-    state.update(_init_args=(), _init_kwargs=init_kwargs or {})
-    return Persistent(type(module).__name__, state, module_src)
-
-
-def write_edm_pickle(path, net, init_kwargs, mapping=dict, numpy_module='numpy._core.multiarray',
-                     module_src='', extra=None):
-    """A snapshot as EDM's training_loop.py pickles it: ema, loss_fn, augment_pipe, dataset_kwargs."""
-    src = module_src or '# the source of training/networks.py would be here\n'
-    snapshot = dict(ema=edm_tree(net, mapping, src, init_kwargs),
-                    loss_fn=Persistent('EDMLoss', dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5), src),
-                    augment_pipe=None, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset',
-                                                           path='x.zip', use_labels=True, xflip=False))
-    snapshot.update(extra or {})
-    with open(path, 'wb') as f:
-        p = EDMPickler(f, protocol=4)
-        p.numpy_module = numpy_module
-        p.dump(snapshot)
-
-
-EDM_KWARGS = dict(img_resolution=8, img_channels=3, label_dim=5, model_type='SongUNet', model_channels=16,
-                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], embedding_type='fourier',
-                  encoder_type='residual', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], augment_dim=9,
-                  dropout=np.float64(0.13), use_fp16=False)
-
-
-@pytest.mark.parametrize('style', ['torch2-numpy2', 'torch1.12-numpy1'])
-def test_load_edm_reads_a_persistence_pickle(tmp_path, style):
-    old = style.startswith('torch1')  # 2022 files: OrderedDicts and numpy.core scalars
-    net = tiny(label_dim=5, **{k: v for k, v in EDM_KWARGS.items() if k not in ('label_dim', 'dropout')})
-    net = net.float()
-    path = tmp_path / 'network-snapshot.pkl'
-    write_edm_pickle(path, net, EDM_KWARGS, mapping=collections.OrderedDict if old else dict,
-                     numpy_module='numpy.core.multiarray' if old else 'numpy._core.multiarray')
-    assert b'numpy.core.multiarray' in path.read_bytes() if old else b'numpy._core' in path.read_bytes()
-    kwargs, state = unet.read_edm_pickle(path)
-    assert kwargs['dropout'] == 0.13 and type(kwargs['dropout']) is float
-    assert list(state) == list(net.state_dict())
-    loaded = unet.load_edm(str(path))
-    assert isinstance(loaded, unet.EDMPrecond) and not loaded.training
-    x, sigma, y = (t.float() if t.is_floating_point() else t for t in inputs(net))
-    aug = torch.randn(3, 9)
-    assert torch.equal(loaded(x, sigma, y, augment_labels=aug), net(x, sigma, y, augment_labels=aug))
-    assert loaded.model.enc['4x4_down'].skip_scale == math.sqrt(0.5)
-    unet.save_model(tmp_path / 'm.pt', loaded)  # numpy scalars became plain floats: savable
-    assert unet.load_model(tmp_path / 'm.pt')[0].init_kwargs['dropout'] == 0.13
-
-
-def test_module_src_is_never_executed(tmp_path):
-    sentinel = tmp_path / 'pwned'
-    net = tiny().float()
-    kwargs = {k: v for k, v in VARIANTS['ddpmpp'].items()}
-    write_edm_pickle(tmp_path / 'a.pkl', net, kwargs, module_src=f'open({str(sentinel)!r}, "w").write("x")\n')
-    loaded = unet.load_edm(tmp_path / 'a.pkl')
-    assert not sentinel.exists()
-    x, sigma, _ = inputs(net)
-    assert torch.equal(loaded(x.float(), sigma.float()), net(x.float(), sigma.float()))
-
-
-@pytest.mark.parametrize('target', [('os', 'system'), ('posix', 'system'), ('builtins', 'exec'),
-                                    ('torch_utils.persistence', '_src_to_module')])
-def test_malicious_globals_are_refused_before_anything_runs(tmp_path, target):
-    sentinel = tmp_path / 'pwned'
-    arg = f'touch {sentinel}' if target[1] == 'system' else f'open({str(sentinel)!r}, "w")'
-    with open(tmp_path / 'evil.pkl', 'wb') as f:
-        EDMPickler(f, protocol=4).dump(dict(ema=Call(*target, arg)))
-    with pytest.raises(ValueError, match=f'refusing global {target[0]}.{target[1]}'):
-        unet.load_edm(tmp_path / 'evil.pkl')
-    assert not sentinel.exists()
-
-
-def test_malformed_pickles_raise(tmp_path):
-    net = tiny().float()
-    kwargs = dict(VARIANTS['ddpmpp'])
-    # A tensor record pointing past its storage (Tensor.set_ alone would read foreign memory).
-    with open(tmp_path / 'oob.pkl', 'wb') as f:
-        bad = Call('torch._utils', '_rebuild_tensor_v2', Storage(torch.zeros(4)), 2, (2, 2), (2, 1), False,
-                   collections.OrderedDict())  # needs elements 2..5 of a 4-element storage
-        EDMPickler(f, protocol=4).dump(dict(ema=Persistent('X', dict(_parameters=dict(w=bad)), '')))
-    with pytest.raises(ValueError, match='malformed tensor record'):
-        unet.read_edm_pickle(tmp_path / 'oob.pkl')
-    # A persistent object of an unknown format version, and a top level without an EDMPrecond.
-    tree = edm_tree(net, dict, '', kwargs)
-    tree.meta['version'] = 5
-    with open(tmp_path / 'v5.pkl', 'wb') as f:
-        EDMPickler(f, protocol=4).dump(dict(ema=tree))
-    with pytest.raises(ValueError, match='malformed persistent object'):
-        unet.load_edm(tmp_path / 'v5.pkl')
-    write_edm_pickle(tmp_path / 'loss.pkl', net, kwargs, extra=dict(ema=Persistent('VPPrecond', {}, '')))
-    with pytest.raises(ValueError, match='not an EDMPrecond'):
-        unet.load_edm(tmp_path / 'loss.pkl')
-    # A network that does not match its constructor keywords.
-    write_edm_pickle(tmp_path / 'mismatch.pkl', net, dict(kwargs, num_blocks=2))
-    with pytest.raises(ValueError, match='does not match'):
-        unet.load_edm(tmp_path / 'mismatch.pkl')
-
-
-def test_presets_and_aliases_resolve_to_nvidias_urls(tmp_path, monkeypatch):
-    net = tiny().float()
-    write_edm_pickle(tmp_path / 'f.pkl', net, dict(VARIANTS['ddpmpp']))
-    asked = []
-    monkeypatch.setattr(unet, 'download', lambda url: asked.append(url) or tmp_path / 'f.pkl')
-    for source in ['cifar10', 'cifar10-uncond', 'cifar10-32x32-uncond-vp', 'edm-cifar10-32x32-uncond-vp']:
-        unet.load_edm(source)
-    unet.load_edm('imagenet')
-    base = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-'
-    assert asked == [base + 'cifar10-32x32-uncond-vp.pkl'] * 4 + [base + 'imagenet-64x64-cond-adm.pkl']
-    assert all(a in unet.EDM_PRESETS for a in unet.EDM_ALIASES.values())
-    with pytest.raises(ValueError, match='no preset'):
-        unet.load_edm('cifar100')
+    from conftest import ROOT
+    for name, code in (('unet.py', 'import unet\n'
+                        'for kw in [dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1],'
+                        ' num_blocks=1, attn_resolutions=[]), dict(img_resolution=8, img_channels=3,'
+                        ' model_type="DhariwalUNet", model_channels=64, channel_mult=[1], num_blocks=1,'
+                        ' attn_resolutions=[]), dict(img_resolution=1, img_channels=2, model_type="ToyMLP")]:\n'
+                        '    print(type(unet.EDMPrecond(**kw).model).__name__)'),
+                       ('solvers.py', 'import solvers, torch\n'
+                        'x = solvers.sample(solvers.gaussian_denoiser(0.0, 1.0), torch.zeros(2, 2),'
+                        ' solvers.time_schedule(4), "heun")\nprint(x.shape)')):
+        folder = tmp_path / name[:-3]
+        folder.mkdir()
+        shutil.copy(ROOT / name, folder / name)
+        out = subprocess.run([sys.executable, '-c', code], cwd=folder, capture_output=True, text=True,
+                             env={'PATH': '', 'PYTHONPATH': ''})
+        assert out.returncode == 0, out.stderr
+        if name == 'unet.py':
+            assert out.stdout.split() == ['SongUNet', 'DhariwalUNet', 'ToyMLP']

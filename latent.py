@@ -1,0 +1,529 @@
+"""Diffusers models (Stable Diffusion, latent and pixel DDPMs) as EDM-form denoisers.
+
+A discrete-time DDPM is trained at T noise levels j = 0 .. T - 1 with z_j = sqrt(abar_j) x0 +
+sqrt(1 - abar_j) eps. Dividing by sqrt(abar_j) gives this project's form (SFD paper Eq. 2-4):
+
+    x = z / sqrt(abar),   sigma = sqrt((1 - abar) / abar),   x = x0 + sigma eps,
+
+so the same network is a denoiser D(x, sigma) that every solver of solvers.py integrates. `wrap`
+turns a diffusers UNet (UNet2DConditionModel for text, UNet2DModel for pixels; epsilon-, v- or
+sample-prediction) and its scheduler's `alphas_cumprod` into such a module; the VAE, the CLIP text
+encoder and the tokenizer travel with it (decode latents to images, prompts to embeddings), and
+`guided` is classifier-free guidance (SFD Eq. 9 with omega = 1 + Meng's w). `load` reads a hub id
+or a saved pipeline folder with diffusers' own from_pretrained. diffusers and transformers are an
+optional extra (`pip install -r requirements-latent.txt`); this module imports without them.
+
+Parity: with the grid `schedule(n)`, the start x = sqrt(1 + t_max^2) z and the last step to 0,
+`solvers.sample(..., 'dpmpp2m')` is diffusers' DPMSolverMultistepScheduler loop and 'euler' over
+`schedule(n, 'leading', 'sigma_min')` is its DDIMScheduler loop (tests/test_latent.py).
+
+    python latent.py              # SD v1.5's noise levels and its default DPM-Solver++(2M) grid
+    python latent.py stable-diffusion-v1-5/stable-diffusion-v1-5    # load it, print its metadata
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXTRA = 'pip install -r requirements-latent.txt'
+SPACINGS = ('linspace', 'leading', 'trailing')
+PREDICTIONS = ('epsilon', 'v_prediction', 'sample')
+# What load() takes from a pipeline; everything else (safety checker, feature extractor) is skipped.
+COMPONENTS = ('unet', 'scheduler', 'vae', 'vqvae', 'text_encoder', 'tokenizer')
+
+
+def _require():
+    """Import the optional extra, or raise one error naming the requirements file."""
+    try:
+        import diffusers
+        import transformers
+    except ImportError as e:
+        raise ImportError(f'diffusers models need the optional extra: {EXTRA} ({e})') from None
+    return diffusers, transformers
+
+
+# ---------------------------------------------------------------------------------------------
+# The discrete noise levels in EDM sigma, and the continuous sigma <-> timestep map
+# ---------------------------------------------------------------------------------------------
+
+def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, T=1000):
+    """Stable Diffusion's schedule abar_j in float32, as diffusers computes "scaled_linear".
+
+    beta_j = (sqrt(beta_start) + j / (T - 1) (sqrt(beta_end) - sqrt(beta_start)))^2 (LDM's
+    "linear"), abar_j = prod_{i <= j} (1 - beta_i).
+    """
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod):
+    """The noise levels sigma_j = sqrt((1 - abar_j) / abar_j), increasing, as a float64 CPU tensor.
+
+    Evaluated in the dtype of `alphas_cumprod` (float32 for diffusers' schedulers), exactly as
+    diffusers computes its own `sigmas`, then held in float64: a solver fed these levels asks the
+    UNet for exactly the integer timesteps a diffusers loop uses.
+    """
+    abar = torch.as_tensor(alphas_cumprod).detach().cpu()
+    sigmas = (((1 - abar) / abar) ** 0.5).to(torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f'alphas_cumprod must be a 1-D table of at least 2 levels, got shape {list(abar.shape)}')
+    if not (torch.isfinite(sigmas).all() and sigmas[0] > 0 and (sigmas[1:] > sigmas[:-1]).all()):
+        raise ValueError('alphas_cumprod must decrease strictly inside (0, 1): zero terminal SNR '
+                         '(sigma = inf at the last level) has no EDM form')
+    return sigmas
+
+
+def _check_range(sigma, sigmas, what='sigma'):
+    """One clear error for noise levels outside the trained range [sigma_0, sigma_{T-1}]."""
+    if torch.compiler.is_compiling():
+        return  # a data-dependent check would break the graph; the eager run already checked
+    lo, hi = float(sigmas[0]), float(sigmas[-1])
+    bad = ~((sigma >= lo) & (sigma <= hi))  # also catches NaN
+    if bad.any():
+        v = float(sigma[bad].flatten()[0])
+        raise ValueError(f'{what} = {v:g} is outside this model\'s trained noise levels [{lo:g}, {hi:g}]: '
+                         f'use t_min >= {lo:g} (a schedule may still end at 0) and t_max <= {hi:g}')
+
+
+def timestep_from_sigma(sigma, sigmas):
+    """The UNet timestep tau(sigma): piecewise-linear in log sigma between the discrete levels.
+
+    tau = j + (log sigma - log sigma_j) / (log sigma_{j+1} - log sigma_j) for sigma_j <= sigma <=
+    sigma_{j+1} (k-diffusion's DiscreteEpsDDPMDenoiser, diffusers' `_sigma_to_t`). Exact at the
+    levels (tau(sigma_j) = j bit for bit), strictly increasing and continuous between them;
+    outside [sigma_0, sigma_{T-1}] a ValueError. Returns float64 with the shape of `sigma`.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    knots = sigmas.to(device=sigma.device, dtype=torch.float64)
+    _check_range(sigma, knots)
+    s = sigma.reshape(-1)
+    # The segment [sigma_j, sigma_{j+1}] holding s; the top level uses the last segment (fraction 1).
+    j = (torch.searchsorted(knots, s, right=True) - 1).clamp(0, len(knots) - 2)
+    lo, hi = knots[j].log(), knots[j + 1].log()
+    return (j.to(torch.float64) + (s.log() - lo) / (hi - lo)).reshape(sigma.shape)
+
+
+def sigma_from_timestep(t, sigmas):
+    """The inverse map sigma(tau): log sigma interpolated linearly in tau; sigma(j) = sigma_j exactly."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    knots = sigmas.to(device=t.device, dtype=torch.float64)
+    if not ((t >= 0) & (t <= len(knots) - 1)).all():
+        raise ValueError(f'timesteps must lie in [0, {len(knots) - 1}]')
+    j = t.floor().long().clamp(0, len(knots) - 2)
+    f = t - j
+    out = torch.lerp(knots[j].log(), knots[j + 1].log(), f).exp()
+    return torch.where(f == 0, knots[j], torch.where(f == 1, knots[j + 1], out))
+
+
+def discrete_timesteps(n, T=1000, spacing='linspace', steps_offset=0):
+    """n decreasing integer timesteps, spaced as diffusers' schedulers space them (Lin et al. 2024, Table 2).
+
+    linspace  DPMSolverMultistepScheduler's: round(linspace(0, T - 1, n + 1)) reversed, without the 0
+              (N = 4: 999, 749, 500, 250).
+    leading   DDIMScheduler's and PNDM's: (n - 1 - i) (T // n) + steps_offset (SD's offset 1, N = 4:
+              751, 501, 251, 1).
+    trailing  both: round(T, T - T/n, ...) - 1 (N = 4: 999, 749, 499, 249).
+    """
+    if int(n) != n or not 1 <= n <= T:
+        raise ValueError(f'need 1 <= steps <= {T}, got {n}')
+    n = int(n)
+    if spacing == 'linspace':
+        t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    elif spacing == 'leading':
+        t = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
+    elif spacing == 'trailing':
+        t = np.round(np.arange(T, 0, -T / n)) - 1
+    else:
+        raise ValueError(f'unknown timestep spacing {spacing!r}; choose one of {SPACINGS}')
+    t = [int(v) for v in t]
+    if any(a <= b for a, b in zip(t, t[1:])) or t[0] > T - 1 or t[-1] < 0:
+        raise ValueError(f'{n} steps with {spacing!r} spacing give no strictly decreasing timesteps in [0, {T - 1}]')
+    return t
+
+
+def discrete_schedule(sigmas, timesteps, final='zero'):
+    """t_steps for solvers.py: sigma at the given integer timesteps, then the level the last step reaches.
+
+    final='zero': sigma = 0, the last step lands on D (DPMSolverMultistepScheduler's default
+    final_sigmas_type). final='sigma_min': sigma_0, where DDIMScheduler stops when
+    set_alpha_to_one=False (SD's config); decode the result with sigma=sigma_0.
+    """
+    if final not in ('zero', 'sigma_min'):
+        raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
+    last = sigmas.new_zeros(1) if final == 'zero' else sigmas[:1]
+    return torch.cat([sigmas[torch.as_tensor(list(timesteps))], last])
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoiser
+# ---------------------------------------------------------------------------------------------
+
+class _Parts:
+    """The frozen parts around the UNet (VAE, text encoder, tokenizer). Kept out of the module tree,
+    so parameters(), state_dict(), optimisers and DDP see the UNet only; a deepcopy (a student made
+    from the teacher) shares them."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def modules(self):
+        return [m for m in self.__dict__.values() if isinstance(m, torch.nn.Module)]
+
+
+def _batch(t, B, what):
+    """A [1, ...] or [B, ...] tensor as [B, ...] (one prompt for the whole batch broadcasts)."""
+    if t.shape[0] == B:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(B, *t.shape[1:])
+    raise ValueError(f'{what} has batch {t.shape[0]}, the samples {B}: give one row or one per sample')
+
+
+class Denoiser(torch.nn.Module):
+    """A diffusers UNet as D(x, sigma) (project protocol); build with `wrap` or `load`.
+
+    x = z / sqrt(abar), sigma = sqrt((1 - abar) / abar). The UNet sees z = c_in x, c_in =
+    1 / sqrt(1 + sigma^2), at the timestep tau(sigma) of `timestep_from_sigma`, and its output
+    becomes D (sfd networks_edm.py, k-diffusion external.py; EDM with sigma_data = 1 for v):
+        epsilon        D = x - sigma eps                        (c_skip = 1, c_out = -sigma)
+        v_prediction   D = x / (1 + sigma^2) - sigma c_in v     (x0 = alpha z - sigma_vp v)
+        sample         D = the output
+    """
+    label_dim = 0
+    use_step_condition = use_guidance_condition = False
+
+    def __init__(self, unet, alphas_cumprod, prediction_type='epsilon', steps_offset=0, vae=None,
+                 text_encoder=None, tokenizer=None, use_fp16=False):
+        super().__init__()
+        config = unet.config
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f'unknown prediction_type {prediction_type!r}; choose one of {PREDICTIONS}')
+        for key in 'addition_embed_type', 'class_embed_type', 'num_class_embeds':
+            if config.get(key) is not None:
+                raise ValueError(f'UNets with {key}={config.get(key)!r} (extra conditions such as SDXL\'s or '
+                                 'class labels) are not supported: use a plain text or unconditional UNet')
+        if config.get('time_embedding_type', 'positional') != 'positional':
+            raise ValueError('this UNet embeds a continuous noise level (score-SDE style), not a DDPM timestep')
+        self.unet = unet
+        self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)  # [T] increasing, float64, CPU
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().cpu().to(torch.float64)
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+        self.prediction_type, self.steps_offset = prediction_type, int(steps_offset)
+        self.use_fp16 = use_fp16  # as EDMPrecond: bf16 autocast for the UNet call on CUDA
+        self.text = 'cross_attention_dim' in config  # UNet2DConditionModel takes encoder_hidden_states
+        size = config.sample_size
+        size = [size, size] if isinstance(size, int) else list(size)
+        self.shape = [config.in_channels, *size]  # [C, H, W] of x (latents, or pixels without a VAE)
+        self.img_channels, self.img_resolution = config.in_channels, size[0]
+        for m in (vae, text_encoder):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        if self.text and (text_encoder is None) != (tokenizer is None):
+            raise ValueError('give both text_encoder and tokenizer, or neither')
+        self._parts = _Parts(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self._knots = {}  # device -> sigmas there (searched on every call)
+
+    vae = property(lambda self: self._parts.vae)
+    text_encoder = property(lambda self: self._parts.text_encoder)
+    tokenizer = property(lambda self: self._parts.tokenizer)
+    T = property(lambda self: len(self.sigmas))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device), .double(), ... move the frozen parts along with the UNet.
+        for m in self._parts.modules():
+            m._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def timestep(self, sigma):
+        """tau(sigma) of `timestep_from_sigma` on this model's levels (float64)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if sigma.device not in self._knots:
+            self._knots[sigma.device] = self.sigmas.to(sigma.device)
+        return timestep_from_sigma(sigma, self._knots[sigma.device])
+
+    def schedule(self, n, spacing='linspace', final='zero'):
+        """Diffusers' n-step grid for this model as t_steps (float64), see `discrete_timesteps`.
+
+        Default: DPMSolverMultistepScheduler's (linspace, ending at 0), the grid of `recipe`;
+        DDIMScheduler with SD's config is spacing='leading', final='sigma_min'.
+        """
+        return discrete_schedule(self.sigmas, discrete_timesteps(n, self.T, spacing, self.steps_offset), final)
+
+    def recipe(self, nfe=25):
+        """The default sampling recipe as a plain dict: DPM-Solver++(2M) on `schedule(nfe)`, as
+        diffusers' DPMSolverMultistepScheduler samples SD (one call per step; the step to 0 is D).
+        'schedule': 'discrete' means "this model's grid": the explicit `t_steps`, or `schedule(n)`."""
+        t = self.schedule(nfe)
+        return dict(solver='dpmpp2m', nfe=int(nfe), afs=False, schedule='discrete', rho=1.0,
+                    t_min=self.sigma_min, t_max=self.sigma_max, ends_at_zero=True, t_steps=t.tolist())
+
+    def forward(self, x, sigma, encoder_hidden_states=None, class_labels=None, step=None, guidance=None,
+                force_fp32=False):
+        """D(x; sigma). x [B, C, H, W]; sigma a float or [B] in [sigma_min, sigma_max];
+        encoder_hidden_states [B or 1, L, D] (text UNets only: `encode_prompts`, the empty prompt
+        for the unconditional branch). Float64 arithmetic for float64 x, else float32; the UNet in
+        its own dtype (bf16 autocast on CUDA with use_fp16)."""
+        for name, value in ('class_labels', class_labels), ('step', step), ('guidance', guidance):
+            if value is not None:
+                raise ValueError(f'{name}= is not a condition of this diffusers model')
+        if self.text and encoder_hidden_states is None:
+            raise ValueError('this UNet is text-conditioned: pass encoder_hidden_states= (net.encode_prompts'
+                             '([...]); the empty prompt [""] is the unconditional branch)')
+        if not self.text and encoder_hidden_states is not None:
+            raise ValueError('this UNet is not text-conditioned: it takes no encoder_hidden_states')
+        B = x.shape[0]
+        if x.ndim != 4 or x.shape[1] != self.shape[0]:
+            raise ValueError(f'this model takes x [B, {self.shape[0]}, H, W], got {list(x.shape)}')
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(dtype)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(B)
+        tau = self.timestep(sigma)
+        s = sigma.to(dtype).reshape(B, 1, 1, 1)
+        c_in = 1 / (1 + s ** 2).sqrt()
+        mdtype = next(self.unet.parameters()).dtype
+        kwargs = {}
+        if self.text:
+            kwargs['encoder_hidden_states'] = _batch(encoder_hidden_states, B, 'encoder_hidden_states').to(mdtype)
+        amp = contextlib.nullcontext()
+        if x.device.type == 'cuda' and self.use_fp16 and not force_fp32:
+            amp = torch.autocast('cuda', torch.bfloat16)
+        # diffusers embeds timesteps in float32 whatever it is given; integral tau stays exact.
+        with amp:
+            out = self.unet((c_in * x).to(mdtype), tau.to(torch.float32), return_dict=False, **kwargs)[0]
+        out = out[:, :self.shape[0]].to(dtype)  # learned-variance UNets append the variance channels
+        if self.prediction_type == 'epsilon':
+            return x - s * out
+        if self.prediction_type == 'v_prediction':
+            return x / (1 + s ** 2) - s * c_in * out
+        return out
+
+    # --- prompts -> embeddings --------------------------------------------------------------
+
+    def encode_prompts(self, prompts):
+        """CLIP embeddings [len(prompts), L, D] of the tokenizer's padded ids (L = model_max_length,
+        77 for SD; longer prompts are truncated), exactly as StableDiffusionPipeline.encode_prompt
+        computes them; [""] gives the unconditional branch. On the UNet's device."""
+        if not self.text or self.text_encoder is None:
+            raise ValueError('this model has no text encoder: it takes no prompts' if not self.text else
+                             'this text UNet was wrapped without text_encoder= and tokenizer=')
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError('prompts must be a non-empty list of strings')
+        L = self.tokenizer.model_max_length
+        if not 0 < L < 100_000:
+            raise ValueError(f'the tokenizer has no usable model_max_length ({L}): set it (77 for CLIP)')
+        ids = self.tokenizer(prompts, padding='max_length', max_length=L, truncation=True, return_tensors='pt')
+        te = self.text_encoder
+        device = next(te.parameters()).device
+        mask = ids.attention_mask.to(device) if getattr(te.config, 'use_attention_mask', False) else None
+        with torch.no_grad():
+            h = te(ids.input_ids.to(device), attention_mask=mask)[0]
+        return h.to(next(self.unet.parameters()).device)
+
+    # --- the VAE: images in [-1, 1] <-> latents ---------------------------------------------
+
+    def _scale(self):
+        """(scaling_factor, shift_factor) of the VAE: latent = (vae latent - shift) * scale."""
+        cfg = self.vae.config
+        return float(cfg.get('scaling_factor', 1.0)), float(cfg.get('shift_factor', None) or 0.0)
+
+    def encode(self, images, generator=None, sample=True):
+        """Latents of images [B, 3, H, W] in [-1, 1]: a draw from the VAE posterior (its mean with
+        sample=False), shifted and multiplied by the scaling factor (0.18215 for SD)."""
+        if self.vae is None:
+            return images  # a pixel-space model: the data are the images
+        vae = self.vae
+        p = next(vae.parameters())
+        out = vae.encode(images.to(device=p.device, dtype=p.dtype))
+        if hasattr(out, 'latent_dist'):
+            h = out.latent_dist.sample(generator) if sample else out.latent_dist.mode()
+        else:
+            h = out.latents  # VQModel: deterministic
+        scale, shift = self._scale()
+        return ((h - shift) * scale).to(device=images.device, dtype=images.dtype)
+
+    def decode(self, x, sigma=0.0, batch=8):
+        """Images [B, 3, H, W], about [-1, 1] (unclamped), of a final state x at noise level sigma.
+
+        The VP latent is z = x / sqrt(1 + sigma^2) (= x when the schedule ends at 0; DDIM stops at
+        sigma_0); the VAE decodes z / scale + shift, `batch` latents at a time.
+        """
+        z = x / math.sqrt(1 + float(sigma) ** 2)
+        if self.vae is None:
+            return z
+        vae, p = self.vae, next(self.vae.parameters())
+        scale, shift = self._scale()
+        out = [vae.decode((c / scale + shift).to(device=p.device, dtype=p.dtype)).sample
+               for c in z.split(batch)]
+        return torch.cat(out).to(device=x.device, dtype=x.dtype)
+
+
+def wrap(unet, scheduler, prediction_type=None, vae=None, text_encoder=None, tokenizer=None, use_fp16=False):
+    """A diffusers UNet and its (DDPM-family) scheduler as a `Denoiser`.
+
+    The levels come from `scheduler.alphas_cumprod`; the prediction type from its config unless
+    given; steps_offset (for 'leading' grids) from its config. Optional frozen parts: the VAE
+    (latent models), the text encoder and tokenizer (text models).
+    """
+    if getattr(scheduler, 'alphas_cumprod', None) is None:
+        raise ValueError(f'{type(scheduler).__name__} has no alphas_cumprod: only discrete-time DDPM '
+                         'schedulers (DDPM, DDIM, PNDM, DPM-Solver, Euler, ...) have an EDM form here')
+    config = getattr(scheduler, 'config', {})
+    prediction_type = prediction_type or config.get('prediction_type', 'epsilon')
+    return Denoiser(unet, scheduler.alphas_cumprod, prediction_type, config.get('steps_offset', 0), vae,
+                    text_encoder, tokenizer, use_fp16)
+
+
+def guided(denoiser, w, uncond):
+    """Classifier-free guidance of a text denoiser (SFD Eq. 9; Meng Sec. 2), omega = 1 + w:
+
+        D_w(x, sigma, c) = D(x, sigma, u) + omega (D(x, sigma, c) - D(x, sigma, u)),
+
+    the D-form of eps_u + omega (eps_c - eps_u) (D is affine in eps at fixed x, sigma). `w` is
+    Meng's w (a number or [B]), `uncond` the empty prompt's embedding [1 or B, L, D]. Both
+    branches run as one UNet call on 2B samples, as StableDiffusionPipeline does: 2 NFE per
+    evaluation; a plain w = 0 (omega = 1) runs the conditional branch only (1 NFE), as sfd-main.
+    """
+    if uncond is None:
+        raise ValueError('classifier-free guidance needs the unconditional embedding (encode_prompts([""]))')
+
+    def D_w(x, sigma, encoder_hidden_states=None, **cond):
+        if not torch.is_tensor(w) and w == 0:
+            return denoiser(x, sigma, encoder_hidden_states=encoder_hidden_states, **cond)
+        if encoder_hidden_states is None:
+            raise ValueError('guided sampling needs the prompts\' encoder_hidden_states=')
+        B = x.shape[0]
+        c = _batch(encoder_hidden_states, B, 'encoder_hidden_states')
+        u = _batch(uncond, B, 'the unconditional embedding').to(c)
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(B)
+        cond2 = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim and len(v) == B else v
+                 for k, v in cond.items()}
+        D_u, D_c = denoiser(torch.cat([x, x]), torch.cat([s, s]), encoder_hidden_states=torch.cat([u, c]),
+                            **cond2).chunk(2)
+        omega = 1 + (w.to(x).reshape(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(w) else w)
+        return D_u + omega * (D_c - D_u)
+    return D_w
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: a hub id or a saved pipeline folder, through diffusers' own from_pretrained
+# ---------------------------------------------------------------------------------------------
+
+def _offline():
+    """True when Hugging Face downloads are switched off (HF_HUB_OFFLINE, read at call time)."""
+    import huggingface_hub.constants as c
+    env = os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on')
+    return env or bool(c.HF_HUB_OFFLINE)
+
+
+def _fetch(get, spec, hub):
+    """get(local_files_only) from the cache first; then (hub ids, online) with a download; else one error."""
+    try:
+        return get(True)
+    except (OSError, ValueError) as e:
+        if not hub:
+            raise ValueError(f'{spec}: cannot read the saved pipeline ({e})') from None
+        first = e
+    if not _offline():
+        try:
+            return get(False)
+        except Exception as e:  # no network, unknown repo, gated repo: all end here
+            first = e
+    import huggingface_hub.constants as c
+    raise ValueError(
+        f'{spec!r} is not (completely) in the Hugging Face cache {c.HF_HUB_CACHE} and could not be downloaded '
+        f'({"HF_HUB_OFFLINE is set" if _offline() else type(first).__name__ + ": " + str(first)[:200]}). '
+        f'Run the same command once with network access (it downloads only the components it uses), or '
+        f'`hf download {spec}` and copy the cache folder here (HF_HOME / HF_HUB_CACHE select it), or pass a '
+        f'local folder written by pipeline.save_pretrained') from None
+
+
+def load(spec, device='cpu', dtype=None, use_fp16=True):
+    """(Denoiser, meta) for a diffusers pipeline: a hub id ('stable-diffusion-v1-5/stable-diffusion-v1-5',
+    'google/ddpm-cifar10-32') or a folder with model_index.json.
+
+    Only diffusers/transformers classes named by model_index.json are built (no code from the
+    model's files runs); the UNet, scheduler, VAE, text encoder and tokenizer are read one by one,
+    so a safety checker is never downloaded. dtype: the weights' dtype (default float32);
+    use_fp16: bf16 autocast for the UNet on CUDA. meta is a plain dict (see the README section).
+    """
+    diffusers, transformers = _require()
+    spec = str(spec)
+    folder = Path(spec).expanduser()
+    hub = not folder.exists()
+    if hub and not re.fullmatch(r'[\w.-]+/[\w.-]+', spec):
+        raise ValueError(f'{spec!r} is neither a folder nor a Hugging Face hub id (owner/name)')
+    if not hub and not (folder / 'model_index.json').is_file():
+        raise ValueError(f'{spec}: not a diffusers pipeline folder (no model_index.json); write one with '
+                         'pipeline.save_pretrained(folder)')
+    where = spec if hub else str(folder)
+    index = _fetch(lambda lfo: diffusers.DiffusionPipeline.load_config(where, local_files_only=lfo), spec, hub)
+    parts = {}
+    for name in COMPONENTS:
+        entry = index.get(name)
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+            continue
+        lib, cls_name = entry
+        cls = getattr({'diffusers': diffusers, 'transformers': transformers}.get(lib), cls_name, None)
+        if cls is None:
+            raise ValueError(f'{spec}: component {name} is {lib}.{cls_name}; only classes of the installed '
+                             'diffusers and transformers are loaded')
+        kwargs = dict(subfolder=name)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            kwargs['dtype'] = dtype or torch.float32
+        parts[name] = _fetch(lambda lfo: cls.from_pretrained(where, local_files_only=lfo, **kwargs), spec, hub)
+    if 'unet' not in parts or 'scheduler' not in parts:
+        raise ValueError(f'{spec}: only UNet pipelines are supported (this one has {sorted(parts)})')
+    net = wrap(parts['unet'], parts['scheduler'], vae=parts.get('vae', parts.get('vqvae')),
+               text_encoder=parts.get('text_encoder'), tokenizer=parts.get('tokenizer'), use_fp16=use_fp16)
+    if net.text and net.text_encoder is None:
+        raise ValueError(f'{spec}: a text-conditioned UNet without text_encoder and tokenizer')
+    return net.to(device), describe(net, source=spec, pipeline=index.get('_class_name'))
+
+
+def describe(net, source=None, pipeline=None):
+    """The plain-dict metadata of a Denoiser (what load returns next to it).
+
+    kind 'diffusers'; source, pipeline; shape [C, H, W] of x; latent (has a VAE) and image_shape
+    [3, H', W'] of the decoded images; text (takes prompts); prediction_type; sigma_min/sigma_max;
+    timesteps T; init_scale 'vp' (start from x = sqrt(1 + t_max^2) z, diffusers' prior);
+    guidance: the default Meng w for text models (6.5 = SD's guidance_scale 7.5), else None; recipe.
+    """
+    image_shape = net.shape
+    if net.vae is not None:
+        cfg = net.vae.config
+        f = 2 ** (len(cfg.block_out_channels) - 1)
+        image_shape = [cfg.out_channels, net.shape[1] * f, net.shape[2] * f]
+    return dict(kind='diffusers', source=source, pipeline=pipeline, shape=list(net.shape), latent=net.vae is not None,
+                image_shape=list(image_shape), text=net.text, prediction_type=net.prediction_type,
+                sigma_min=net.sigma_min, sigma_max=net.sigma_max, timesteps=net.T, init_scale='vp',
+                guidance=6.5 if net.text else None, recipe=net.recipe())
+
+
+def init_scale(t_max):
+    """diffusers' start: latents z ~ N(0, I) at abar_T are x = z / sqrt(abar) = sqrt(1 + t_max^2) z
+    (the solvers' own convention is t_max z, 0.23 % smaller at SD's t_max = 14.61)."""
+    return math.sqrt(1 + float(t_max) ** 2)
+
+
+if __name__ == '__main__':
+    if len(sys.argv) > 1:  # load a model (cache first) and print its metadata
+        print(json.dumps(load(sys.argv[1])[1], indent=1))
+    else:  # SD v1.5's schedule: no download needed
+        sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod())
+        print('SD v1.5 (scaled_linear 0.00085 -> 0.012, T = 1000) in EDM sigma:')
+        print('  ' + '  '.join(f'sigma_{j} = {float(sig[j]):.6g}' for j in (0, 1, 99, 499, 999)))
+        for n in (4, 8, 25):
+            t = discrete_schedule(sig, discrete_timesteps(n))
+            print(f'  DPM-Solver++(2M) {n} steps: timesteps {discrete_timesteps(n)}\n    t_steps '
+                  + ', '.join(f'{float(v):.4g}' for v in t))
