@@ -18,6 +18,7 @@ Nothing here knows about diffusion; it imports torch only.
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -50,10 +51,18 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `<prog>: error: ...` and exit status 2, no usage dump.
+    Unambiguous abbreviations of flags are honoured (and count as given, see config_from_args)."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} -h)\n')
+
+
 def parser(doc, **kwargs):
-    """An ArgumentParser described by a module docstring's first paragraph, showing defaults."""
-    return argparse.ArgumentParser(description=doc.split('\n\n')[0], allow_abbrev=True,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    """A Parser described by a module docstring's first paragraph, showing defaults."""
+    return Parser(description=doc.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                  **kwargs)
 
 
 def add_config_flags(p, cls, help=None):
@@ -82,10 +91,14 @@ def run(main, argv=None):
     and exit status 2, as argparse's own errors do."""
     prog = os.path.basename(sys.argv[0]) or 'python'
     try:
-        return main(argv)
+        main(argv)
+        return
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # a training loop has written its snapshot and said how to resume
+        print(f'{prog}: interrupted', file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +152,15 @@ def world_size():
 def rank():
     """This process's rank (0 without torchrun)."""
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def any_rank(flag, dev):
+    """Whether `flag` is set on any process (so that all of them stop at the same iteration)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def close_distributed():
@@ -196,12 +218,16 @@ class RunLock:
                 os.close(fd)
                 return self
             except FileExistsError:
-                if self._holder_alive():
-                    raise ValueError(f'{self.path.parent} is being written by another process '
-                                     f'({self.path.read_text().strip()}); wait for it or remove {self.path} '
-                                     'if that process is gone') from None
+                self.check()
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
         raise ValueError(f'could not lock {self.path}')
+
+    def check(self):
+        """Raise now if another live process holds the lock (without taking it)."""
+        if self.path.is_file() and self._holder_alive():
+            raise ValueError(f'{self.path.parent} is being written by another process '
+                             f'({self.path.read_text().strip()}); wait for it or remove {self.path} '
+                             'if that process is gone')
 
     def _holder_alive(self):
         try:
@@ -240,3 +266,16 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+
+
+def open_stats(run_dir, iteration):
+    """run_dir/stats.jsonl for appending, cut back to the rows up to `iteration` (a resumed run
+    would otherwise repeat the rows written after its last snapshot)."""
+    path = Path(run_dir) / 'stats.jsonl'
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get('iteration', 0) <= iteration]
+        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+        tmp.write_text(''.join(line + '\n' for line in keep))
+        os.replace(tmp, path)
+    return open(path, 'a')

@@ -19,6 +19,7 @@ SFD under classifier-free guidance (Sec. 3.4) is the same loop with random class
     torchrun --nproc_per_node=4 distill.py    # data-parallel
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -64,7 +65,7 @@ class SFDConfig:
     kimg: float = 200.0                  # thousands of teacher trajectories (200K = 1563 iters; SFD-v 800)
     data: str = 'cifar10'                # vanilla only: where the x_0 come from
     seed: int = 0
-    run_dir: str = 'runs'
+    run_dir: str = ''                    # '' = a new numbered folder runs/<00000>-<method>-<teacher>-nfe<N>
     tick_kimg: float = 1.0               # one stats.jsonl line per tick
     snapshot_kimg: float = 50.0          # student + training state every so often (and at the end)
     device: str = 'auto'
@@ -79,7 +80,8 @@ TOY_DEFAULTS = dict(lr=5e-4, batch=256, kimg=100.0, tick_kimg=5.0, snapshot_kimg
 # K = 2; we follow the code: with K = 3 the 1-NFE student's teacher is the first-stage student at
 # 2 * 3 - 1 = 5 NFE, which every SFD-v model of Table 7 was trained at. Vanilla (Alg. 3) needs a
 # single-step teacher solver over the K sub-steps of one interval.
-METHOD_DEFAULTS = {'sfd': {}, 'sfd-v': dict(kimg=800.0), 'second-stage': dict(nfe=1, K=3, lr=5e-4, kimg=2000.0),
+METHOD_DEFAULTS = {'sfd': {}, 'sfd-v': dict(kimg=800.0),
+                   'second-stage': dict(nfe=1, K=3, lr=5e-4, kimg=2000.0),
                    'vanilla': dict(teacher_solver='dpm2')}
 
 
@@ -188,7 +190,8 @@ def vanilla_iteration(student, teacher, optimizer, x0, t_steps, t_teacher, cfg, 
     target = torch.empty_like(x)
     for k in i.unique().tolist():                                               # line 5, per n
         sel = (i == k).to(x.device)
-        sub = {c: v[sel] if torch.is_tensor(v) and v.ndim and len(v) == len(x) else v for c, v in cond.items()}
+        sub = {c: v[sel] if torch.is_tensor(v) and v.ndim and len(v) == len(x) else v
+               for c, v in cond.items()}
         sub.pop('step', None)  # the teacher takes no step condition
         with torch.inference_mode(), cli.autocast(x.device):
             target[sel] = solvers.sample(teacher, x[sel], t_teacher[K * k:K * (k + 1) + 1],
@@ -236,7 +239,7 @@ def validate(cfg, world=1):
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
     need(cfg.method in METHODS, 'method', f'choose one of {", ".join(METHODS)}')
     need(cfg.loss in LOSSES, 'loss', f'choose one of {", ".join(LOSSES)}')
-    need(cfg.teacher_solver in solvers.SOLVERS, 'teacher_solver', f'choose one of {", ".join(solvers.SOLVERS)}')
+    need(cfg.teacher_solver in solvers.SOLVERS, 'teacher_solver', 'choose one of ' + ', '.join(solvers.SOLVERS))
     need(cfg.schedule in solvers.SCHEDULES, 'schedule', f'choose one of {", ".join(solvers.SCHEDULES)}')
     need(cfg.nfe >= 1, 'nfe', 'the student needs at least one network call')
     need(len(cfg.nfe_list) > 0 and min(cfg.nfe_list) >= 1, 'nfe_list', 'give NFE >= 1, e.g. 2,3,4,5')
@@ -245,7 +248,7 @@ def validate(cfg, world=1):
     need(cfg.batch >= 1, 'batch', 'the batch must hold at least one trajectory')
     need(cfg.batch % world == 0, 'batch', f'must split evenly over the {world} processes')
     for flag in ('kimg', 'tick_kimg', 'snapshot_kimg'):
-        need(finite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, 'must be positive (thousands of trajectories)')
+        need(finite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, 'must be positive (in thousands)')
     need(finite(cfg.t_min) and cfg.t_min > 0, 't_min', 'need 0 < t_min < t_max')
     need(finite(cfg.t_max) and cfg.t_max > cfg.t_min, 't_max', 'need 0 < t_min < t_max < inf')
     need(finite(cfg.rho) and cfg.rho > 0, 'rho', 'must be positive')
@@ -263,7 +266,7 @@ def resumed_config(run_dir, cfg, explicit=None):
     given setting that differs from the stored run is refused, naming it."""
     path = Path(run_dir) / 'training-state.pt'
     if not path.is_file():
-        raise ValueError(f'--resume {run_dir}: no training-state.pt there (is it a run folder of distill.py?)')
+        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a distill.py run folder)')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
         stored = SFDConfig(**{**state['config'], 'nfe_list': tuple(state['config']['nfe_list'])})
@@ -311,7 +314,8 @@ def sampling_recipe(cfg, student):
     own schedule, with AFS and, for SFD-v, the step condition of every trained NFE."""
     nfes = list(cfg.nfe_list) if cfg.method == 'sfd-v' else [cfg.nfe]
     has_step = getattr(student, 'use_step_condition', False)
-    return solvers.Recipe('euler', nfes if cfg.method == 'sfd-v' else cfg.nfe, afs=cfg.afs, schedule=cfg.schedule,
+    return solvers.Recipe('euler', nfes if cfg.method == 'sfd-v' else cfg.nfe, afs=cfg.afs,
+                          schedule=cfg.schedule,
                           rho=cfg.rho, t_min=cfg.t_min, t_max=cfg.t_max, ends_at_zero=False,
                           step_values={str(n): step_value(n, cfg.afs) for n in nfes} if has_step else None)
 
@@ -415,7 +419,7 @@ def check_finite(run):
         grads = [p.grad for p in run.student.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else 0
         if not (torch.isfinite(loss) and torch.isfinite(torch.as_tensor(norm))):
-            raise FloatingPointError(f'non-finite loss or gradient at iteration {run.it}, student step {step} '
+            raise FloatingPointError(f'non-finite loss or gradient at iteration {run.it}, student step {step}, '
                                      f'(loss {loss.item():g}); lower --lr or check the teacher')
     return check
 
@@ -438,39 +442,12 @@ def save_snapshot(run):
     data.atomic_write(run.run_dir / 'training-state.pt', lambda tmp: torch.save(st, tmp))
 
 
-def open_stats(run):
-    """stats.jsonl for appending, cut back to the resumed iteration (rows written after the last
-    snapshot would otherwise repeat); None on other ranks."""
-    if run.rank != 0:
-        return None
-    path = run.run_dir / 'stats.jsonl'
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get('iteration', 0) <= run.it]
-        data.atomic_write(path, lambda tmp: tmp.write_text(''.join(line + '\n' for line in keep)))
-    return open(path, 'a')
-
-
-def stop_requested(flag, run):
-    """Whether any process got SIGINT/SIGTERM (all ranks stop at the same iteration)."""
-    if run.world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 # ---------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------
 
-def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, log=print, on_tick=None,
-            explicit=None):
-    """Run one distillation; returns (student, summary). Writes run_dir/{stats.jsonl, student.pt,
-    training-state.pt}; an empty cfg.run_dir means a new numbered folder under runs/. `resume`
-    continues a run folder (settings as `resumed_config` allows; `explicit` names the settings
-    the caller chose, default all); `stop_at_iteration` ends early after a snapshot (an
-    interruption); `on_tick(row, student)` sees every stats row."""
+def start(cfg, resume=None, explicit=None):
+    """Settings checked (a resumed run's from its folder), the run folder chosen, the Run built."""
     state = None
     if resume:
         cfg, state = resumed_config(resume, cfg, explicit)
@@ -479,17 +456,40 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
         cfg.run_dir = str(cli.new_run_dir('runs', default_run_name(cfg)))
     elif not resume:
         cli.check_fresh_run_dir(cfg.run_dir)
-    run = setup(cfg, state)
-    total, lo, hi = int(cfg.kimg * 1000), run.rank * cfg.batch // run.world, (run.rank + 1) * cfg.batch // run.world
+    cli.RunLock(cfg.run_dir).check()  # a second writer is refused before the teacher is loaded
+    return setup(cfg, state)
+
+
+def vanilla_step(run, part, t_steps, t_teacher, cond, check):
+    """Alg. 3, line 1: a batch of data x_0 (with its labels for a conditional teacher); lines 2-7
+    in vanilla_iteration."""
+    x_all, y_all = run.data
+    pick = torch.randint(len(x_all), (run.cfg.batch,), generator=run.gen)[part[0]:part[1]]
+    if run.label_dim and y_all is not None:
+        cond['class_labels'] = torch.eye(run.label_dim, device=run.device)[y_all[pick].to(run.device)]
+    return vanilla_iteration(run.model, run.teacher, run.optimizer, x_all[pick].to(run.device), t_steps,
+                             t_teacher, run.cfg, run.gen, (*part, run.cfg.batch), run.lpips, check, **cond)
+
+
+def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, log=print, on_tick=None,
+            explicit=None):
+    """Run one distillation; returns (student, summary). Writes run_dir/{stats.jsonl, student.pt,
+    training-state.pt}; an empty cfg.run_dir means a new numbered folder under runs/. `resume`
+    continues a run folder (settings as `resumed_config` allows; `explicit` names the settings
+    the caller chose, default all); `stop_at_iteration` ends early after a snapshot (an
+    interruption); `on_tick(row, student)` sees every stats row."""
+    run = start(cfg, resume, explicit)
+    cfg, total = run.cfg, int(run.cfg.kimg * 1000)
+    part = (run.rank * cfg.batch // run.world, (run.rank + 1) * cfg.batch // run.world)  # this rank's slice
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         log(describe(cfg, run))
-    lock = cli.RunLock(run.run_dir) if run.rank == 0 else _Nothing()
-    with lock, cli.StopOnSignal() as signals, (open_stats(run) or _Nothing()) as stats:
+    lock = cli.RunLock(run.run_dir) if run.rank == 0 else contextlib.nullcontext()
+    with lock, cli.StopOnSignal() as signals, \
+            (cli.open_stats(run.run_dir, run.it) if run.rank == 0 else contextlib.nullcontext()) as stats:
         bar = tqdm(total=total, initial=run.nimg, unit='img', unit_scale=True, desc=cfg.method,
                    disable=not progress or run.rank != 0)
-        ticks = Ticks(run, stats, on_tick)
-        check, costs, interrupted = check_finite(run), dict(teacher_nfe=0, student_calls=0), False
+        ticks, check, calls, interrupted = Ticks(run, stats, on_tick), check_finite(run), [0, 0], False
         while run.nimg < total:
             # SFD-v (Alg. 6, line 1): this iteration's NFE; its schedule, K times refined for the teacher.
             nfe = cfg.nfe_list[int(torch.randint(len(cfg.nfe_list), (), generator=run.gen))] \
@@ -497,38 +497,32 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
             t_steps = student_schedule(cfg, nfe)
             N = len(t_steps) - 1
             t_teacher = solvers.time_schedule(cfg.K * N, cfg.t_min, cfg.t_max, cfg.schedule, cfg.rho)
-            cond, student_cond = draw_conditions(run, nfe, lo, hi)
+            cond, student_cond = draw_conditions(run, nfe, *part)
             for group in run.optimizer.param_groups:
                 group['lr'] = lr_at(cfg, run.nimg, total)
-            if cfg.method == 'vanilla':
-                # Alg. 3, line 1: a batch of data x_0 (with its labels for a conditional teacher).
-                x_all, y_all = run.data
-                pick = torch.randint(len(x_all), (cfg.batch,), generator=run.gen)[lo:hi]
-                if run.label_dim and y_all is not None:
-                    student_cond['class_labels'] = torch.eye(run.label_dim, device=run.device)[y_all[pick].to(run.device)]
-                losses = vanilla_iteration(run.model, run.teacher, run.optimizer, x_all[pick].to(run.device), t_steps,
-                                           t_teacher, cfg, run.gen, (lo, hi, cfg.batch), run.lpips, check, **student_cond)
-                costs['teacher_nfe'] += cfg.K * solvers.nfe(cfg.teacher_solver, 1)  # K sub-steps, one interval
-                costs['student_calls'] += 1
+            if cfg.method == 'vanilla':  # the baseline, Alg. 3: one local step per sample
+                losses = vanilla_step(run, part, t_steps, t_teacher, student_cond, check)
+                calls[0] += cfg.K * solvers.nfe(cfg.teacher_solver, 1)  # K sub-steps of one interval
+                calls[1] += 1
             else:
                 # Alg. 4, line 1: x_N = x~_N ~ N(0, t_max^2 I).
-                x_N = cfg.t_max * torch.randn([cfg.batch, *run.shape], generator=run.gen)[lo:hi].to(run.device)
+                x_N = (cfg.t_max * torch.randn([cfg.batch, *run.shape], generator=run.gen)[slice(*part)]).to(run.device)
                 # Alg. 4, line 5 for every n at once: the teacher's trajectory over the refined grid
                 # (Alg. 7: the second stage's teacher is a first-stage student sampled with Euler).
                 second = cfg.method == 'second-stage'
                 solver = 'euler' if second else cfg.teacher_solver
-                targets = teacher_targets(run.teacher, x_N, t_teacher, cfg.K, solver, afs=cfg.afs and second,
-                                          **cond, **run.teacher_cond)
-                # Alg. 4, lines 3-7: one student step and one update per interval, from its own detached output.
-                losses = sfd_iteration(run.model, run.optimizer, x_N, t_steps, targets, cfg, run.lpips, check,
-                                       **student_cond)
-                costs['teacher_nfe'] += solvers.nfe(solver, cfg.K * N, cfg.afs and second)
-                costs['student_calls'] += N - int(cfg.afs)
+                targets = teacher_targets(run.teacher, x_N, t_teacher, cfg.K, solver,
+                                          afs=cfg.afs and second, **cond, **run.teacher_cond)
+                # Alg. 4, lines 3-7: a student step and an update per interval, from its own detached output.
+                losses = sfd_iteration(run.model, run.optimizer, x_N, t_steps, targets, cfg,
+                                       run.lpips, check, **student_cond)
+                calls[0] += solvers.nfe(solver, cfg.K * N, cfg.afs and second)
+                calls[1] += N - int(cfg.afs)
             run.it, run.nimg = run.it + 1, run.nimg + cfg.batch
             bar.update(cfg.batch)
             bar.set_postfix_str(' '.join(f'{v:.3g}' for v in losses))
-            interrupted = stop_requested(signals.requested, run)
-            done = run.nimg >= total or interrupted or (stop_at_iteration is not None and run.it >= stop_at_iteration)
+            interrupted = cli.any_rank(signals.requested, run.device)
+            done = run.nimg >= total or interrupted or run.it == stop_at_iteration
             ticks.add(losses, nfe, done)
             if done or run.nimg >= ticks.next_snapshot:
                 save_snapshot(run)
@@ -537,13 +531,14 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
                 break
         bar.close()
     run.student.eval()
-    summary = dict(iterations=run.it, kimg=run.nimg / 1000, run_dir=str(run.run_dir), **costs)
-    if run.rank == 0 and interrupted:
-        log(f'stopped at iteration {run.it} ({run.nimg / 1000:g} kimg); continue with --resume {run.run_dir}')
-        raise KeyboardInterrupt
     if run.rank == 0:
-        log(f'done: {run.it} iterations, {run.nimg / 1000:g} kimg; student written to {run.run_dir / "student.pt"}')
-    return run.student, summary
+        log(f'stopped at iteration {run.it} ({run.nimg / 1000:g} kimg); continue with --resume {run.run_dir}'
+            if interrupted else f'done: {run.it} iterations, {run.nimg / 1000:g} kimg; student written to '
+            f'{run.run_dir / "student.pt"}')
+    if interrupted:
+        raise KeyboardInterrupt
+    return run.student, dict(iterations=run.it, kimg=run.nimg / 1000, run_dir=str(run.run_dir),
+                             teacher_nfe=calls[0], student_calls=calls[1])
 
 
 def describe(cfg, run):
@@ -580,15 +575,6 @@ class Ticks:
         self.losses, self.start, self.nimg = [], time.time(), run.nimg
 
 
-class _Nothing:
-    """A context manager that does nothing (for ranks that hold no lock and no stats file)."""
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _plain(v):
     """Tuples to lists (recursively): what torch.load(weights_only=True) and JSON both accept."""
     if isinstance(v, (list, tuple)):
@@ -611,7 +597,8 @@ def _mean_columns(rows):
 HELP = {'teacher': 'a model spec (python models.py -h); the second stage: a first-stage student file',
         'nfe_list': 'SFD-v NFE list L (comma-separated)',
         'kimg': 'thousands of teacher trajectories (paper: SFD 200, SFD-v 800, second stage 2000; toy: 100)',
-        'lr': 'Adam lr (paper 5e-5, second stage 5e-4; toy: 5e-4)', 'batch': 'total over all processes (toy: 256)',
+        'lr': 'Adam lr (paper 5e-5, second stage 5e-4; toy: 5e-4)',
+        'batch': 'total over all processes (toy: 256)',
         'run_dir': "'' = a new numbered folder runs/<00000>-<method>-<teacher>-nfe<N>"}
 
 
@@ -628,7 +615,8 @@ def main(argv=None):
     name = models.toy_world(meta.get('teacher', ''))
     if name:  # a toy run: the before/after table
         first = models.load(meta['teacher']) if meta['method'] == 'second-stage' else None
-        print(toy.before_after_table(name, student.cpu(), meta, models.load(f'toy:{name}')[0], first_stage=first))
+        teacher = models.load(f'toy:{name}')[0]
+        print(toy.before_after_table(name, student.cpu(), meta, teacher, first_stage=first))
     cli.close_distributed()
 
 

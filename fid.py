@@ -41,7 +41,6 @@ from scipy import linalg
 from tqdm import tqdm
 
 import data
-import inception
 from inception import NVIDIA_URL, WEIGHTS_URL, InceptionV3, download_weights, load_inception  # noqa: F401
 
 # The protocol names, and the description each statistics file stores (the pytorch-fid one is
@@ -160,7 +159,8 @@ def compute_features(source, model=None, batch_size=100, num_workers=0, progress
             found = x if isinstance(x, _MixedSizes) else [size, x.shape[-2:]]
             raise ValueError(f'{source if isinstance(source, (str, Path)) else "the images"}: images of '
                              f'different sizes ({", ".join(str(tuple(s)) for s in found)}). FID compares one '
-                             f'resolution (EDM\'s dataset reader refuses mixed sizes too): resize them first.')
+                             f'resolution (EDM\'s dataset reader refuses mixed sizes too): resize them '
+                             f'first.')
         size = x.shape[-2:]
         f, l = model(x, protocol=protocol)
         features.append(f.float().cpu())
@@ -385,7 +385,8 @@ def prdc(real, fake, k=5, chunk=1024):
     """Precision, recall, density and coverage of features `fake` [M, D] against `real` [N, D]."""
     real, fake = torch.as_tensor(np.asarray(real)).double(), torch.as_tensor(np.asarray(fake)).double()
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f'PRDC with k = {k} needs more than {k} images in each set, got {len(real)} and {len(fake)}')
+        raise ValueError(f'PRDC with k = {k} needs more than {k} images in each set, '
+                         f'got {len(real)} and {len(fake)}')
     r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
     in_real_balls = torch.zeros(len(fake), dtype=torch.float64)  # per Y_j: #{i : |X_i - Y_j| < r_i}
     recalled, covered = [], []
@@ -438,7 +439,8 @@ def _parser():
     pr = sub.add_parser('prdc', help='precision, recall, density and coverage (Naeem et al. 2020)')
     pr.add_argument('--images', required=True, help='generated images (folder, zip or .npz)')
     pr.add_argument('--ref-images', required=True, help="real images: 'cifar10', a folder, zip or .npz")
-    pr.add_argument('--num', type=int, default=10000, help='images drawn from each set (EDM\'s seeded subset)')
+    pr.add_argument('--num', type=int, default=10000,
+                    help="images drawn from each set (EDM's seeded subset)")
     pr.add_argument('--seed', type=int, default=0, help='seed of the subsets')
     pr.add_argument('--k', type=int, default=5, help='nearest neighbours (SFD: 5)')
     for p in (ref, calc, pr):
@@ -487,7 +489,8 @@ def main(argv=None):
     ref_stats = load_reference(args.ref)
     check_stats(ref_stats, args.protocol, 'reference', args.allow_foreign_ref)
     if ref_stats.get('protocol_inferred'):
-        print(f"Note: {args.ref} records no protocol; taken as {ref_stats['protocol']} from how it is stored.")
+        print(f"Note: {args.ref} records no protocol; taken as {ref_stats['protocol']} from how it is "
+              f"stored.")
     if _is_stats_file(args.images):
         stats = load_stats(args.images)
     else:

@@ -356,6 +356,8 @@ def train(student, loss_fn, iters, cfg, ema, anneal, desc, stats, progress=True)
         for group in opt.param_groups:
             group['lr'] = lr
         loss = loss_fn(student)
+        if not torch.isfinite(loss):  # a NaN teacher or a diverging student: stop at this update
+            raise FloatingPointError(f'{desc}: non-finite loss at update {it + 1}; lower --lr or check the teacher')
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -368,8 +370,6 @@ def train(student, loss_fn, iters, cfg, ema, anneal, desc, stats, progress=True)
         total, count = total + loss.detach(), count + 1  # no per-update sync with the GPU
         if count == cfg.tick or it == iters - 1:
             mean = float(total) / count
-            if not math.isfinite(mean):
-                raise FloatingPointError(f'{desc}: non-finite loss before update {it + 1}; lower --lr')
             stats.write(json.dumps(dict(stage=desc, iteration=it + 1, loss=mean, lr=lr,
                                         it_per_s=count / (time.time() - t0))) + '\n')
             stats.flush()

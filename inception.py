@@ -39,7 +39,8 @@ import data
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
-NVIDIA_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+NVIDIA_URL = ('https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/'
+              'inception-2015-12-05.pt')
 NVIDIA_PKL_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/'
                   'metrics/inception-2015-12-05.pkl')
 FRONT_ENDS = ('edm', 'pytorch-fid')
@@ -334,7 +335,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     if not (isinstance(storage, torch.Tensor) and isinstance(offset, int) and offset >= 0
             and ints(size) and ints(stride) and len(size) == len(stride)):
         raise pickle.UnpicklingError('malformed tensor record')
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # the last element's index
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))  # the last element's index
     if 0 not in size and last >= storage.numel():
         raise pickle.UnpicklingError('a tensor reaches past the end of its storage')
     return storage.as_strided(size, stride, offset)
@@ -361,7 +362,8 @@ class _TorchScriptUnpickler(pickle.Unpickler):
             return _StorageType(_STORAGES[name])
         if (module, name) in self.LIBRARY:
             return self.LIBRARY[module, name]
-        raise pickle.UnpicklingError(f'refusing global {module}.{name}: not part of a TorchScript weights archive')
+        raise pickle.UnpicklingError(f'refusing global {module}.{name}: not part of a TorchScript weights '
+                                     f'archive')
 
     def persistent_load(self, pid):
         # ('storage', torch.FloatStorage, '<key>', 'cpu', element count) -> a 1-D tensor of it
@@ -417,11 +419,13 @@ _BLOCKS = {
           'tower_1.conv_2': 'branch3x3dbl_3', 'tower_2.conv': 'branch_pool'},
     'B': {'conv': 'branch3x3', 'tower.conv': 'branch3x3dbl_1', 'tower.conv_1': 'branch3x3dbl_2',
           'tower.conv_2': 'branch3x3dbl_3'},
-    'C': {'conv': 'branch1x1', **{f'tower.conv{s}': f'branch7x7_{i + 1}' for i, s in enumerate(['', '_1', '_2'])},
-          **{f'tower_1.conv{s}': f'branch7x7dbl_{i + 1}' for i, s in enumerate(['', '_1', '_2', '_3', '_4'])},
-          'tower_2.conv': 'branch_pool'},
-    'D': {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2',
-          **{f'tower_1.conv{s}': f'branch7x7x3_{i + 1}' for i, s in enumerate(['', '_1', '_2', '_3'])}},
+    'C': {'conv': 'branch1x1', 'tower.conv': 'branch7x7_1', 'tower.conv_1': 'branch7x7_2',
+          'tower.conv_2': 'branch7x7_3', 'tower_1.conv': 'branch7x7dbl_1', 'tower_1.conv_1': 'branch7x7dbl_2',
+          'tower_1.conv_2': 'branch7x7dbl_3', 'tower_1.conv_3': 'branch7x7dbl_4',
+          'tower_1.conv_4': 'branch7x7dbl_5', 'tower_2.conv': 'branch_pool'},
+    'D': {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2', 'tower_1.conv': 'branch7x7x3_1',
+          'tower_1.conv_1': 'branch7x7x3_2', 'tower_1.conv_2': 'branch7x7x3_3',
+          'tower_1.conv_3': 'branch7x7x3_4'},
     'E': {'conv': 'branch1x1', 'tower_conv': 'branch3x3_1', 'tower_mixed_conv': 'branch3x3_2a',
           'tower_mixed_conv_1': 'branch3x3_2b', 'tower_1_conv': 'branch3x3dbl_1',
           'tower_1_conv_1': 'branch3x3dbl_2', 'tower_1_mixed_conv': 'branch3x3dbl_3a',
@@ -453,8 +457,7 @@ def nvidia_state_dict(tensors, attributes=None):
     if len(roots) != 1:
         raise ValueError(f'no single `layers.` tree of NVIDIA\'s Inception (found {sorted(roots) or "none"})')
     root = roots.pop()
-    pending = {k[len(root):]: v for k, v in tensors.items() if k.startswith(root)}
-    pending.update({k: v for k, v in tensors.items() if not k.startswith(root)})  # anything else: refused below
+    pending = {k.removeprefix(root): v for k, v in tensors.items()}  # what is left at the end is refused
     reference = InceptionV3()
     state = {}
     for theirs, ours in nvidia_names().items():
@@ -465,17 +468,19 @@ def nvidia_state_dict(tensors, attributes=None):
         state[f'{ours}.bn.weight'] = torch.ones_like(state[f'{ours}.bn.bias'])
         state[f'{ours}.bn.num_batches_tracked'] = torch.tensor(0)
         conv = reference.get_submodule(f'{ours}.conv')
-        for attr in ('stride', 'padding'):  # NVIDIA stores an int for square ones
+        for attr in ('stride', 'padding'):  # NVIDIA stores an int for square ones, else a list
             value = (attributes or {}).get(f'{root}{theirs}.{attr}', getattr(conv, attr))
-            value = tuple(value) if isinstance(value, list) else (value, value)
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
             if value != getattr(conv, attr):
-                raise ValueError(f'{root}{theirs} has {attr} {value}, ours {getattr(conv, attr)}: another network')
+                raise ValueError(f'{root}{theirs} has {attr} {value}, ours {getattr(conv, attr)}: '
+                                 f'another network')
     fc = [pending.pop(f'{root}output.{p}', None) for p in ('weight', 'bias')]
     state['fc.weight'], state['fc.bias'] = (fc if None not in fc else
                                            [torch.full_like(reference.fc.weight, float('nan')),
                                             torch.full_like(reference.fc.bias, float('nan'))])
     if pending:
-        raise ValueError(f'{len(pending)} tensors that are not NVIDIA\'s Inception, e.g. {next(iter(pending))}')
+        raise ValueError(f'{len(pending)} tensors that are not NVIDIA\'s Inception, '
+                         f'e.g. {root}{next(iter(pending))}')
     return state
 
 
@@ -502,6 +507,14 @@ def pickle_globals(raw: bytes):
     return sorted(found)
 
 
+def _pickle_bytes(path):
+    """The pickle stream of a file: itself, or the data.pkl of a torch.save zip."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return z.read(next(n for n in z.namelist() if n.endswith('/data.pkl')))
+    return Path(path).read_bytes()
+
+
 def read_weights(path):
     """Our state dict from pytorch-fid's .pth or NVIDIA's TorchScript .pt; no code from the file runs."""
     path = Path(path)
@@ -511,14 +524,13 @@ def read_weights(path):
         if torchscript:  # NVIDIA's .pt (or a copy of it)
             try:
                 return nvidia_state_dict(*read_torchscript(path))
-            except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError) as e:
+            except Exception as e:  # whatever a malformed stream trips over, one clear error
                 raise ValueError(f"{path} is not NVIDIA's Inception TorchScript file: {e}") from e
     try:  # a state dict (pytorch-fid's .pth): torch's own restricted unpickler
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raw = path.read_bytes()
-        try:
-            names = pickle_globals(raw)
+        try:  # say what the file would import (its data.pkl, if it is a torch.save zip)
+            names = pickle_globals(_pickle_bytes(path))
         except Exception:
             raise ValueError(f'{path} is neither a state dict nor a TorchScript archive of the Inception '
                              f'network (corrupt or foreign): {type(e).__name__}: {str(e)[:200]}') from None

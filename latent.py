@@ -73,14 +73,14 @@ def sigmas_from_alphas_cumprod(alphas_cumprod):
     abar = torch.as_tensor(alphas_cumprod).detach().cpu()
     sigmas = (((1 - abar) / abar) ** 0.5).to(torch.float64)
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f'alphas_cumprod must be a 1-D table of at least 2 levels, got shape {list(abar.shape)}')
+        raise ValueError(f'alphas_cumprod must be a 1-D table of 2 or more levels, got {list(abar.shape)}')
     if not (torch.isfinite(sigmas).all() and sigmas[0] > 0 and (sigmas[1:] > sigmas[:-1]).all()):
         raise ValueError('alphas_cumprod must decrease strictly inside (0, 1): zero terminal SNR '
                          '(sigma = inf at the last level) has no EDM form')
     return sigmas
 
 
-def _check_range(sigma, sigmas, what='sigma'):
+def _check_range(sigma, sigmas):
     """One clear error for noise levels outside the trained range [sigma_0, sigma_{T-1}]."""
     if torch.compiler.is_compiling():
         return  # a data-dependent check would break the graph; the eager run already checked
@@ -88,9 +88,18 @@ def _check_range(sigma, sigmas, what='sigma'):
     bad = ~((sigma >= lo) & (sigma <= hi))  # also catches NaN
     if bad.any():
         v = float(sigma[bad].flatten()[0])
-        raise ValueError(f'{what} = {v:g} is outside this model\'s trained noise levels [{lo:g}, {hi:g}]: '
+        raise ValueError(f'sigma = {v:g} is outside this model\'s trained noise levels [{lo:g}, {hi:g}]: '
                          f'use t_min >= {lo:g} (a schedule may still end at 0) and t_max <= {hi:g}')
 
+
+# Which map. Both candidates are exact at the T trained levels, where every diffusers scheduler
+# evaluates the UNet, and differ by at most 0.09 of a timestep between them (near sigma_0; ~1e-3
+# above sigma = 0.5): the official SFD code interpolates log alpha = -log(1 + sigma^2) / 2 piecewise
+# linearly (DPM-Solver's discrete NoiseScheduleVP), k-diffusion interpolates log sigma. We take log
+# sigma: it is -lambda, the variable the solvers step in (half the log-SNR), its inverse is the same
+# interpolation read backwards, diffusers itself uses it for off-grid levels (Karras sigmas), and
+# it needs no extrapolation -- levels outside the trained range are refused, not extrapolated as
+# the SFD code does (its LSUN recipe asks for sigma = 0.006 < sigma_0 = 0.039).
 
 def timestep_from_sigma(sigma, sigmas):
     """The UNet timestep tau(sigma): piecewise-linear in log sigma between the discrete levels.
@@ -103,7 +112,7 @@ def timestep_from_sigma(sigma, sigmas):
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     knots = sigmas.to(device=sigma.device, dtype=torch.float64)
     _check_range(sigma, knots)
-    s = sigma.reshape(-1)
+    s = sigma.reshape(-1).contiguous()
     # The segment [sigma_j, sigma_{j+1}] holding s; the top level uses the last segment (fraction 1).
     j = (torch.searchsorted(knots, s, right=True) - 1).clamp(0, len(knots) - 2)
     lo, hi = knots[j].log(), knots[j + 1].log()
@@ -143,8 +152,9 @@ def discrete_timesteps(n, T=1000, spacing='linspace', steps_offset=0):
     else:
         raise ValueError(f'unknown timestep spacing {spacing!r}; choose one of {SPACINGS}')
     t = [int(v) for v in t]
-    if any(a <= b for a, b in zip(t, t[1:])) or t[0] > T - 1 or t[-1] < 0:
-        raise ValueError(f'{n} steps with {spacing!r} spacing give no strictly decreasing timesteps in [0, {T - 1}]')
+    if any(a <= b for a, b in zip(t, t[1:], strict=False)) or t[0] > T - 1 or t[-1] < 0:
+        raise ValueError(f'{n} steps with {spacing!r} spacing give no strictly decreasing timesteps '
+                         f'in [0, {T - 1}]')
     return t
 
 
@@ -213,7 +223,7 @@ class Denoiser(torch.nn.Module):
                 raise ValueError(f'UNets with {key}={config.get(key)!r} (extra conditions such as SDXL\'s or '
                                  'class labels) are not supported: use a plain text or unconditional UNet')
         if config.get('time_embedding_type', 'positional') != 'positional':
-            raise ValueError('this UNet embeds a continuous noise level (score-SDE style), not a DDPM timestep')
+            raise ValueError('this UNet embeds a continuous noise level (score-SDE style), not a timestep')
         self.unet = unet
         self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)  # [T] increasing, float64, CPU
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().cpu().to(torch.float64)
@@ -221,10 +231,10 @@ class Denoiser(torch.nn.Module):
         self.prediction_type, self.steps_offset = prediction_type, int(steps_offset)
         self.use_fp16 = use_fp16  # as EDMPrecond: bf16 autocast for the UNet call on CUDA
         self.text = 'cross_attention_dim' in config  # UNet2DConditionModel takes encoder_hidden_states
-        size = config.sample_size
+        size = config['sample_size']
         size = [size, size] if isinstance(size, int) else list(size)
-        self.shape = [config.in_channels, *size]  # [C, H, W] of x (latents, or pixels without a VAE)
-        self.img_channels, self.img_resolution = config.in_channels, size[0]
+        self.shape = [config['in_channels'], *size]  # [C, H, W] of x (latents, or pixels without a VAE)
+        self.img_channels, self.img_resolution = config['in_channels'], size[0]
         for m in (vae, text_encoder):
             if m is not None:
                 m.eval().requires_grad_(False)
@@ -257,7 +267,8 @@ class Denoiser(torch.nn.Module):
         Default: DPMSolverMultistepScheduler's (linspace, ending at 0), the grid of `recipe`;
         DDIMScheduler with SD's config is spacing='leading', final='sigma_min'.
         """
-        return discrete_schedule(self.sigmas, discrete_timesteps(n, self.T, spacing, self.steps_offset), final)
+        timesteps = discrete_timesteps(n, self.T, spacing, self.steps_offset)
+        return discrete_schedule(self.sigmas, timesteps, final)
 
     def recipe(self, nfe=25):
         """The default sampling recipe as a plain dict: DPM-Solver++(2M) on `schedule(nfe)`, as
@@ -287,13 +298,16 @@ class Denoiser(torch.nn.Module):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(B)
+        # VP <-> EDM (SFD Eq. 2-4): the UNet's input is the VP latent z = alpha x, with
+        # alpha = 1 / sqrt(1 + sigma^2), at the (fractional) timestep of that level.
         tau = self.timestep(sigma)
         s = sigma.to(dtype).reshape(B, 1, 1, 1)
         c_in = 1 / (1 + s ** 2).sqrt()
         mdtype = next(self.unet.parameters()).dtype
         kwargs = {}
         if self.text:
-            kwargs['encoder_hidden_states'] = _batch(encoder_hidden_states, B, 'encoder_hidden_states').to(mdtype)
+            h = _batch(encoder_hidden_states, B, 'encoder_hidden_states')
+            kwargs['encoder_hidden_states'] = h.to(mdtype)
         amp = contextlib.nullcontext()
         if x.device.type == 'cuda' and self.use_fp16 and not force_fp32:
             amp = torch.autocast('cuda', torch.bfloat16)
@@ -301,9 +315,9 @@ class Denoiser(torch.nn.Module):
         with amp:
             out = self.unet((c_in * x).to(mdtype), tau.to(torch.float32), return_dict=False, **kwargs)[0]
         out = out[:, :self.shape[0]].to(dtype)  # learned-variance UNets append the variance channels
-        if self.prediction_type == 'epsilon':
+        if self.prediction_type == 'epsilon':  # x = x0 + sigma eps
             return x - s * out
-        if self.prediction_type == 'v_prediction':
+        if self.prediction_type == 'v_prediction':  # v = alpha eps - sigma_vp x0, sigma_vp = sigma alpha
             return x / (1 + s ** 2) - s * c_in * out
         return out
 
@@ -322,7 +336,8 @@ class Denoiser(torch.nn.Module):
         L = self.tokenizer.model_max_length
         if not 0 < L < 100_000:
             raise ValueError(f'the tokenizer has no usable model_max_length ({L}): set it (77 for CLIP)')
-        ids = self.tokenizer(prompts, padding='max_length', max_length=L, truncation=True, return_tensors='pt')
+        ids = self.tokenizer(prompts, padding='max_length', max_length=L, truncation=True,
+                             return_tensors='pt')
         te = self.text_encoder
         device = next(te.parameters()).device
         mask = ids.attention_mask.to(device) if getattr(te.config, 'use_attention_mask', False) else None
@@ -439,13 +454,27 @@ def _fetch(get, spec, hub):
             return get(False)
         except Exception as e:  # no network, unknown repo, gated repo: all end here
             first = e
+            while first.__cause__ or first.__context__:  # the root cause (diffusers rewords it)
+                first = first.__cause__ or first.__context__
     import huggingface_hub.constants as c
-    raise ValueError(
-        f'{spec!r} is not (completely) in the Hugging Face cache {c.HF_HUB_CACHE} and could not be downloaded '
-        f'({"HF_HUB_OFFLINE is set" if _offline() else type(first).__name__ + ": " + str(first)[:200]}). '
-        f'Run the same command once with network access (it downloads only the components it uses), or '
-        f'`hf download {spec}` and copy the cache folder here (HF_HOME / HF_HUB_CACHE select it), or pass a '
-        f'local folder written by pipeline.save_pretrained') from None
+    why = 'HF_HUB_OFFLINE is set' if _offline() else f'{type(first).__name__}: {str(first)[:200]}'
+    raise ValueError(f'{spec!r} is not (completely) in the Hugging Face cache {c.HF_HUB_CACHE} and could '
+                     f'not be downloaded ({why}). Run the same command once with network access (it '
+                     f'downloads only the components it uses), or `hf download {spec}` on another machine '
+                     'and copy its cache here (HF_HOME or HF_HUB_CACHE choose the folder), or pass a folder '
+                     'written by pipeline.save_pretrained') from None
+
+
+_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
+
+
+def is_spec(spec):
+    """Does `spec` name a diffusers pipeline: a folder with model_index.json, or a hub id owner/name
+    that is no local path and no model file (.pt, .pth, .pkl)?"""
+    spec, path = str(spec), Path(str(spec)).expanduser()
+    if path.exists():
+        return (path / 'model_index.json').is_file()
+    return bool(_HUB_ID.fullmatch(spec)) and path.suffix not in ('.pt', '.pth', '.pkl')
 
 
 def load(spec, device='cpu', dtype=None, use_fp16=True):
@@ -461,13 +490,14 @@ def load(spec, device='cpu', dtype=None, use_fp16=True):
     spec = str(spec)
     folder = Path(spec).expanduser()
     hub = not folder.exists()
-    if hub and not re.fullmatch(r'[\w.-]+/[\w.-]+', spec):
+    if hub and not _HUB_ID.fullmatch(spec):
         raise ValueError(f'{spec!r} is neither a folder nor a Hugging Face hub id (owner/name)')
     if not hub and not (folder / 'model_index.json').is_file():
         raise ValueError(f'{spec}: not a diffusers pipeline folder (no model_index.json); write one with '
                          'pipeline.save_pretrained(folder)')
     where = spec if hub else str(folder)
-    index = _fetch(lambda lfo: diffusers.DiffusionPipeline.load_config(where, local_files_only=lfo), spec, hub)
+    index = _fetch(lambda lfo: diffusers.DiffusionPipeline.load_config(where, local_files_only=lfo),
+                   spec, hub)
     parts = {}
     for name in COMPONENTS:
         entry = index.get(name)
@@ -481,7 +511,10 @@ def load(spec, device='cpu', dtype=None, use_fp16=True):
         kwargs = dict(subfolder=name)
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             kwargs['dtype'] = dtype or torch.float32
-        parts[name] = _fetch(lambda lfo: cls.from_pretrained(where, local_files_only=lfo, **kwargs), spec, hub)
+            if lib == 'diffusers':  # accelerate (optional) only speeds loading up; say nothing without it
+                kwargs['low_cpu_mem_usage'] = diffusers.utils.is_accelerate_available()
+        get = lambda lfo, cls=cls, kwargs=kwargs: cls.from_pretrained(where, local_files_only=lfo, **kwargs)
+        parts[name] = _fetch(get, spec, hub)
     if 'unet' not in parts or 'scheduler' not in parts:
         raise ValueError(f'{spec}: only UNet pipelines are supported (this one has {sorted(parts)})')
     net = wrap(parts['unet'], parts['scheduler'], vae=parts.get('vae', parts.get('vqvae')),
@@ -497,17 +530,19 @@ def describe(net, source=None, pipeline=None):
     kind 'diffusers'; source, pipeline; shape [C, H, W] of x; latent (has a VAE) and image_shape
     [3, H', W'] of the decoded images; text (takes prompts); prediction_type; sigma_min/sigma_max;
     timesteps T; init_scale 'vp' (start from x = sqrt(1 + t_max^2) z, diffusers' prior);
-    guidance: the default Meng w for text models (6.5 = SD's guidance_scale 7.5), else None; recipe.
+    guidance: the default Meng w for text models (6.5 = SD's guidance_scale 7.5), else None;
+    sampling: the default recipe (`Denoiser.recipe`), the keys of solvers.Recipe.
     """
     image_shape = net.shape
     if net.vae is not None:
         cfg = net.vae.config
         f = 2 ** (len(cfg.block_out_channels) - 1)
         image_shape = [cfg.out_channels, net.shape[1] * f, net.shape[2] * f]
-    return dict(kind='diffusers', source=source, pipeline=pipeline, shape=list(net.shape), latent=net.vae is not None,
-                image_shape=list(image_shape), text=net.text, prediction_type=net.prediction_type,
+    return dict(kind='diffusers', source=source, pipeline=pipeline, shape=list(net.shape),
+                latent=net.vae is not None, image_shape=list(image_shape), text=net.text,
+                prediction_type=net.prediction_type,
                 sigma_min=net.sigma_min, sigma_max=net.sigma_max, timesteps=net.T, init_scale='vp',
-                guidance=6.5 if net.text else None, recipe=net.recipe())
+                guidance=6.5 if net.text else None, sampling=net.recipe())
 
 
 def init_scale(t_max):
@@ -518,7 +553,8 @@ def init_scale(t_max):
 
 if __name__ == '__main__':
     if len(sys.argv) > 1:  # load a model (cache first) and print its metadata
-        print(json.dumps(load(sys.argv[1])[1], indent=1))
+        for key, value in load(sys.argv[1])[1].items():
+            print(f'{key:>16}: {json.dumps(value)}')
     else:  # SD v1.5's schedule: no download needed
         sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod())
         print('SD v1.5 (scaled_linear 0.00085 -> 0.012, T = 1000) in EDM sigma:')

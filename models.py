@@ -82,8 +82,9 @@ def _read(path, mmap=False):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f'{path} is not a readable model file ({type(e).__name__}: {e}); expected one '
-                         'written by this project (NVIDIA EDM networks are .pkl files)') from e
+        reason = (str(e).strip().splitlines() or [''])[0][:100]
+        raise ValueError(f'{path} is not a readable model file ({type(e).__name__}: {reason}); expected '
+                         'one written by this project (NVIDIA EDM networks are .pkl files)') from e
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise ValueError(f'{path} was not written by this project (no {FORMAT!r} marker)')
     return ckpt

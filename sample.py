@@ -313,7 +313,7 @@ def check_output(path, flag):
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e})') from None
+        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e}); choose another path') from None
     if flag != '--outdir' and Path(path).is_dir():
         raise ValueError(f'{flag} {path} is a folder; give a file name')
 

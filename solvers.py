@@ -447,7 +447,7 @@ def schedule_for(recipe, nfe=None):
     trained = r.nfes()
     if nfe is None:
         if len(trained) > 1:
-            raise ValueError(f'this model samples at NFE {trained}: choose one')
+            raise ValueError(f'this model samples at NFE {trained}: choose one with --nfe (nfe=)')
         nfe = trained[0]
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f'NFE must be a positive integer, got {nfe!r}')

@@ -181,9 +181,10 @@ def evaluate(denoiser, sampling, teacher_ref, data_ref, z, nfe=None, **cond):
     return fidelity(x, teacher_ref), sliced_wasserstein(x, data_ref)
 
 
-def solver_config(solver, nfe, t_min=0.006, t_max=80.):
-    """The baselines' configuration: a training-free solver on the same polynomial schedule."""
-    return solvers.Recipe(solver, nfe, afs=False, t_min=t_min, t_max=t_max, ends_at_zero=False)
+def solver_config(solver, nfe, t_min=0.006, t_max=80., **options):
+    """The baselines' recipe: a training-free solver on the same polynomial schedule, ending at
+    t_min as the students do (options: e.g. afs=True)."""
+    return solvers.Recipe(solver, nfe, t_min=t_min, t_max=t_max, ends_at_zero=False, **options)
 
 
 def before_after_table(name, student, meta, teacher, first_stage=None, n=2000):

@@ -130,13 +130,13 @@ def test_non_finite_loss_stops_with_iteration_and_step(tmp_path):
                                                             rho=7.0, t_min=0.006, t_max=80.0, step_values=None),
                     shape=[2], teacher='toy:ring')
     cfg = toy_cfg(tmp_path, teacher=str(tmp_path / 'nan.pt'), kimg=0.5, batch=32)
-    orig = distill.load_teacher
-    distill.load_teacher = lambda spec, device: (NaNTeacher(net).eval(), {'shape': [2]})
+    orig = models.load
+    models.load = lambda spec, device: (NaNTeacher(net).eval(), {'shape': [2]})
     try:
         with pytest.raises(FloatingPointError, match='iteration 0, student step 1'):
             distill.distill(cfg, progress=False, log=lambda *_: None)
     finally:
-        distill.load_teacher = orig
+        models.load = orig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,12 +145,14 @@ def test_non_finite_loss_stops_with_iteration_and_step(tmp_path):
 
 def test_sfd_with_afs_at_2_nfe(teacher, evaluation, tmp_path):
     """SFD + AFS (Alg. 5) at 2 NFE: metric A falls during training and ends far below
-    DPM-Solver++(3M) at 2 NFE, and below DPM-Solver++(3M) at 5 NFE."""
+    DPM-Solver++(3M) at 2 NFE, and below DPM-Solver++(3M) at 5 NFE. Measured (this machine, the
+    code before and after the lr-switch fix alike): 0.398 -> 0.076 at the first tick (20 kimg),
+    then a plateau 0.076-0.079 where the order of ticks is noise, so only the fall is asserted."""
     cfg = toy_cfg(tmp_path, kimg=60, tick_kimg=20)
     curve = []
     student, summary = distill.distill(cfg, progress=False, log=lambda *_: None,
                                        on_tick=lambda row, net: curve.append(
-                                           metric_a(net, distill.sampling_config(cfg, net), evaluation)))
+                                           metric_a(net, distill.sampling_recipe(cfg, net), evaluation)))
     net, meta = models.load_model(tmp_path / 'run' / 'student.pt')
     s = meta['sampling']
     assert s['nfe'] == 2 and s['afs'] and s['solver'] == 'euler' and meta['method'] == 'sfd'
@@ -158,7 +160,7 @@ def test_sfd_with_afs_at_2_nfe(teacher, evaluation, tmp_path):
     final = metric_a(net, s, evaluation)
     dpm2, dpm5 = (metric_a(teacher, toy.solver_config('dpmpp3m', k), evaluation) for k in (2, 5))
     print(f'\nSFD+AFS 2 NFE: metric A {start:.3f} -> {curve} -> {final:.4f}; DPM++(3M) 2 NFE {dpm2:.3f}, 5 NFE {dpm5:.3f}')
-    assert curve[0] < start and curve[-1] < curve[0] and final == pytest.approx(curve[-1])
+    assert max(curve) < start / 4 and final == pytest.approx(curve[-1])
     assert final < dpm2 / 5 and final < dpm5
     # An iteration costs K*N = 12 teacher calls and N - AFS = 2 student calls.
     its = summary['iterations']
@@ -216,7 +218,7 @@ def test_vanilla_baseline_trains(teacher, evaluation, tmp_path):
     cfg = toy_cfg(tmp_path, method='vanilla', kimg=40)
     assert cfg.teacher_solver == 'dpm2'
     student, summary = distill.distill(cfg, progress=False, log=lambda *_: None)
-    s = distill.sampling_config(cfg, student)
+    s = distill.sampling_recipe(cfg, student)
     before, after = metric_a(teacher, s, evaluation), metric_a(student, s, evaluation)
     print(f'vanilla 2 NFE: metric A {before:.3f} -> {after:.4f}, teacher NFE per sample {summary["teacher_nfe"]}')
     assert after < before / 4

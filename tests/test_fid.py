@@ -1,197 +1,21 @@
-"""Tests for fid.py: the Inception network's layout and invariants, the Frechet distance against
-closed forms, the Inception Score, statistics files, downloads and the CLI (with a fake network).
+"""Tests for fid.py: the Frechet distance against closed forms, the Inception Score, statistics
+files and their protocols (ours, EDM's published ones, pytorch-fid's), image sources and bad
+input, PRDC against a brute-force count and known answers, and the CLI (with a fake network).
 
-The real weights are never downloaded: layouts are generated here, downloads go through file://.
-Exact parity with pytorch-fid's own code was checked outside the test suite (see the report).
+The network itself and its weights are tested in test_inception.py. Nothing is downloaded:
+downloads are faked or go through file://.
 """
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-import data
 import fid
-
-# ---------------------------------------------------------------------------------------------
-# The published key layout, written out independently of fid.py (torchvision's Inception3 names)
-# ---------------------------------------------------------------------------------------------
-
-
-def _block_a(c, pool):
-    return [('branch1x1', c, 64, 1, 1), ('branch5x5_1', c, 48, 1, 1), ('branch5x5_2', 48, 64, 5, 5),
-            ('branch3x3dbl_1', c, 64, 1, 1), ('branch3x3dbl_2', 64, 96, 3, 3),
-            ('branch3x3dbl_3', 96, 96, 3, 3), ('branch_pool', c, pool, 1, 1)]
-
-
-def _block_c(c, c7):
-    return [('branch1x1', c, 192, 1, 1), ('branch7x7_1', c, c7, 1, 1), ('branch7x7_2', c7, c7, 1, 7),
-            ('branch7x7_3', c7, 192, 7, 1), ('branch7x7dbl_1', c, c7, 1, 1),
-            ('branch7x7dbl_2', c7, c7, 7, 1), ('branch7x7dbl_3', c7, c7, 1, 7),
-            ('branch7x7dbl_4', c7, c7, 7, 1), ('branch7x7dbl_5', c7, 192, 1, 7),
-            ('branch_pool', c, 192, 1, 1)]
-
-
-def _block_e(c):
-    return [('branch1x1', c, 320, 1, 1), ('branch3x3_1', c, 384, 1, 1), ('branch3x3_2a', 384, 384, 1, 3),
-            ('branch3x3_2b', 384, 384, 3, 1), ('branch3x3dbl_1', c, 448, 1, 1),
-            ('branch3x3dbl_2', 448, 384, 3, 3), ('branch3x3dbl_3a', 384, 384, 1, 3),
-            ('branch3x3dbl_3b', 384, 384, 3, 1), ('branch_pool', c, 192, 1, 1)]
-
-
-def published_layout():
-    """{key: shape} of pt_inception-2015-12-05-6726825d.pth: 94 conv+BN units and fc."""
-    convs = [('Conv2d_1a_3x3', 3, 32, 3, 3), ('Conv2d_2a_3x3', 32, 32, 3, 3),
-             ('Conv2d_2b_3x3', 32, 64, 3, 3), ('Conv2d_3b_1x1', 64, 80, 1, 1),
-             ('Conv2d_4a_3x3', 80, 192, 3, 3)]
-    blocks = {'Mixed_5b': _block_a(192, 32), 'Mixed_5c': _block_a(256, 64),
-              'Mixed_5d': _block_a(288, 64),
-              'Mixed_6a': [('branch3x3', 288, 384, 3, 3), ('branch3x3dbl_1', 288, 64, 1, 1),
-                           ('branch3x3dbl_2', 64, 96, 3, 3), ('branch3x3dbl_3', 96, 96, 3, 3)],
-              'Mixed_6b': _block_c(768, 128), 'Mixed_6c': _block_c(768, 160),
-              'Mixed_6d': _block_c(768, 160), 'Mixed_6e': _block_c(768, 192),
-              'Mixed_7a': [('branch3x3_1', 768, 192, 1, 1), ('branch3x3_2', 192, 320, 3, 3),
-                           ('branch7x7x3_1', 768, 192, 1, 1), ('branch7x7x3_2', 192, 192, 1, 7),
-                           ('branch7x7x3_3', 192, 192, 7, 1), ('branch7x7x3_4', 192, 192, 3, 3)],
-              'Mixed_7b': _block_e(1280), 'Mixed_7c': _block_e(2048)}
-    convs += [(f'{block}.{name}', *rest) for block, units in blocks.items() for name, *rest in units]
-    layout = {}
-    for name, c_in, c_out, kh, kw in convs:
-        layout[f'{name}.conv.weight'] = (c_out, c_in, kh, kw)
-        for key in ('weight', 'bias', 'running_mean', 'running_var'):
-            layout[f'{name}.bn.{key}'] = (c_out,)
-        layout[f'{name}.bn.num_batches_tracked'] = ()
-    layout['fc.weight'], layout['fc.bias'] = (1008, 2048), (1008,)
-    return layout
-
-
-def random_state_dict(seed=0):
-    """A state dict in the published layout with non-trivial values everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in published_layout().items():
-        if key.endswith('num_batches_tracked'):
-            state[key] = torch.randint(0, 10 ** 6, (), generator=g)  # int64, ignored in eval
-        elif key.endswith('running_var'):
-            state[key] = 0.5 + torch.rand(shape, generator=g)
-        else:
-            state[key] = 0.05 * torch.randn(shape, generator=g)
-    return state
-
-
-@pytest.fixture(scope='module')
-def model():
-    """InceptionV3 with random weights and BN statistics calibrated so activations are O(1).
-
-    With PyTorch's default init the pool3 features are ~1e-8 and would hide bugs; a forward hook
-    on each conv sets its BN's running mean/var from the conv output in one pass.
-    """
-    torch.manual_seed(0)
-    net = fid.InceptionV3()
-
-    def calibrate(bn):
-        def hook(module, inputs, out):
-            bn.running_mean.copy_(out.mean((0, 2, 3)))
-            bn.running_var.copy_(out.var((0, 2, 3)) * (0.8 + 0.4 * torch.rand(out.shape[1])))
-            bn.weight.copy_(0.5 + torch.rand(out.shape[1]))
-            bn.bias.copy_(0.3 * torch.randn(out.shape[1]))
-        return hook
-
-    handles = [m.conv.register_forward_hook(calibrate(m.bn)) for m in net.modules()
-               if isinstance(m, fid.Conv)]
-    with torch.no_grad():
-        net(torch.rand(2, 3, 32, 32))
-    for h in handles:
-        h.remove()
-    net.fc.weight.normal_(0, 0.05)
-    net.fc.bias.normal_(0, 1.0)
-    return net
-
-
-# ---------------------------------------------------------------------------------------------
-# The network
-# ---------------------------------------------------------------------------------------------
-
-def test_published_layout_loads_strictly():
-    layout = published_layout()
-    # The published file's inventory: 566 keys, 23,850,960 parameters (fc included).
-    assert len(layout) == 566
-    assert sum(math.prod(s) for k, s in layout.items()
-               if 'running' not in k and 'num_batches' not in k) == 23_850_960
-    state = random_state_dict()
-    net = fid.InceptionV3()
-    net.load_state_dict(state)  # strict
-    mine = net.state_dict()
-    assert {k: tuple(v.shape) for k, v in mine.items()} == layout
-    assert torch.equal(net.Mixed_7c.branch_pool.bn.running_var, state['Mixed_7c.branch_pool.bn.running_var'])
-    assert torch.equal(net.Mixed_6b.branch7x7dbl_3.conv.weight, state['Mixed_6b.branch7x7dbl_3.conv.weight'])
-    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert all(p.bias is None for p in net.modules() if isinstance(p, torch.nn.Conv2d))
-    # Strictness works both ways: an extra key (torchvision's aux head) or a missing one fails.
-    with pytest.raises(RuntimeError, match='AuxLogits'):
-        net.load_state_dict({**state, 'AuxLogits.fc.weight': torch.zeros(1000, 768)})
-    del state['Mixed_5b.branch_pool.conv.weight']
-    with pytest.raises(RuntimeError, match='Mixed_5b.branch_pool.conv.weight'):
-        net.load_state_dict(state)
-
-
-def test_forward_shapes_and_input_forms(model):
-    g = torch.Generator().manual_seed(1)
-    u8 = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
-    features, logits = model(u8)
-    assert features.shape == (3, 2048) and logits.shape == (3, 1008)
-    assert features.dtype == logits.dtype == torch.float32
-    assert (features >= 0).all() and features.std() > 0.01  # an average of ReLUs, and not tiny
-    # uint8 input is exactly float input / 255 (what PIL -> ToTensor gives pytorch-fid).
-    assert torch.equal(model(u8.float() / 255)[0], features)
-    # Channels-last storage (an NHWC array viewed as NCHW) gives the same numbers.
-    nhwc = u8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    assert torch.equal(model(nhwc)[0], features)
-    # The IS logits are pool3 times the classifier matrix, without the bias.
-    assert torch.allclose(logits, features @ model.fc.weight.T, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits, model.fc(features), atol=1e-2)
-    # Grayscale is the image repeated over RGB, as PIL's convert('RGB') does.
-    assert torch.equal(model(u8[:, :1])[0], model(u8[:, :1].repeat(1, 3, 1, 1))[0])
-    with pytest.raises(ValueError, match='expected images'):
-        model(torch.rand(2, 4, 8, 8))
-
-
-def test_always_eval_mode_so_features_do_not_depend_on_the_batch(model):
-    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    together = model(x)[0]
-    model.train()  # must not switch BatchNorm to batch statistics
-    assert not model.training and not any(m.training for m in model.modules())
-    alone = torch.cat([model(x[i:i + 1])[0] for i in range(3)])
-    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
-    assert not any(p.requires_grad for p in model.parameters())
-
-
-@pytest.mark.parametrize('block, pool', [(lambda: fid.InceptionA(4, pool_features=4), 'tf_avg'),
-                                         (lambda: fid.InceptionC(4, c7=4), 'tf_avg'),
-                                         (lambda: fid.InceptionE(4, pool='avg'), 'tf_avg'),
-                                         (lambda: fid.InceptionE(4, pool='max'), 'max')])
-def test_pool_branches_follow_the_tf_graph(block, pool):
-    """The pool branch is a 1x1 conv of a 3x3 pool; make that conv the identity and read the pool.
-
-    A/C/E_1: average without counting padded zeros. E_2 (Mixed_7c): max pool. The border pixels
-    distinguish these from torchvision's averages, which count the zeros.
-    """
-    net = block().eval()
-    with torch.no_grad():
-        w = net.branch_pool.conv.weight
-        w.zero_()
-        w[:4, :4, 0, 0] = torch.eye(4)
-    x = 0.1 + torch.rand(1, 4, 5, 5, generator=torch.Generator().manual_seed(3))
-    out = net(x)[:, -w.shape[0]:][:, :4]  # the pool branch is concatenated last
-    bn_scale = 1 / math.sqrt(1 + 1e-3)  # default BN statistics (mean 0, var 1), eps 1e-3
-    expected = {'tf_avg': F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),
-                'max': F.max_pool2d(x, 3, 1, 1)}[pool]
-    torch.testing.assert_close(out, expected * bn_scale)
-    wrong = F.avg_pool2d(x, 3, 1, 1, count_include_pad=True) * bn_scale
-    assert (out - wrong).abs().max() > 0.05
-
 
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
@@ -315,9 +139,10 @@ def test_feature_stats_are_float64_mean_and_unbiased_covariance():
     np.testing.assert_allclose(sigma, (x - mu).T @ (x - mu) / 49, rtol=1e-10, atol=1e-14)
 
 
-def _stats(n, d=16, seed=12):
+
+def _stats(n, d=16, seed=12, protocol='edm'):
     mu, sigma = _random_cov(200, d, seed)
-    return dict(mu=mu, sigma=sigma, num_images=n, protocol=fid.PROTOCOL)
+    return dict(mu=mu, sigma=sigma, num_images=n, protocol=protocol)
 
 
 def test_fewer_than_2048_images_refused():
@@ -332,77 +157,76 @@ def test_fewer_than_2048_images_refused():
     assert fid.fid_from_stats(a, b) == fid.frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])
 
 
-def test_stats_npz_round_trip_and_foreign_files(tmp_path):
-    stats = _stats(4096)
-    path = tmp_path / 'sub' / 'ref.npz'
-    fid.save_stats(path, stats)
-    assert sorted(p.name for p in path.parent.iterdir()) == ['ref.npz']  # no temporary left
-    back = fid.load_stats(path)
-    assert np.array_equal(back['mu'], stats['mu']) and np.array_equal(back['sigma'], stats['sigma'])
-    assert back['num_images'] == 4096 and back['protocol'] == fid.PROTOCOL
-    # An EDM-style file: plain np.savez(mu, sigma), no protocol marker. Never mixed silently.
-    edm = tmp_path / 'cifar10-32x32.npz'
+def test_stats_files_record_their_protocol(tmp_path):
+    for protocol in fid.PROTOCOLS:
+        stats = _stats(4096, protocol=protocol)
+        path = tmp_path / protocol / 'ref.npz'
+        fid.save_stats(path, stats)
+        assert sorted(p.name for p in path.parent.iterdir()) == ['ref.npz']  # no temporary left
+        back = fid.load_stats(path)
+        assert np.array_equal(back['mu'], stats['mu']) and np.array_equal(back['sigma'], stats['sigma'])
+        assert back['num_images'] == 4096 and back['protocol'] == protocol and not back['protocol_inferred']
+        with np.load(path) as f:
+            assert str(f['protocol']) == fid.PROTOCOLS[protocol]  # the description is on disk
+    # Files written before protocols had names carry pytorch-fid's description: still pytorch-fid.
+    legacy = tmp_path / 'legacy.npz'
+    np.savez(legacy, mu=stats['mu'], sigma=stats['sigma'], num_images=4096,
+             protocol='pytorch-fid Inception (pt_inception-2015-12-05), bilinear resize to 299, [-1,1]')
+    assert fid.load_stats(legacy)['protocol'] == 'pytorch-fid'
+    # No protocol key: EDM's fid.py writes np.savez (stored), pytorch-fid np.savez_compressed.
+    edm, torch_fid = tmp_path / 'cifar10-32x32.npz', tmp_path / 'pytorch-fid.npz'
     np.savez(edm, mu=stats['mu'], sigma=stats['sigma'])
-    foreign = fid.load_stats(edm)
-    assert foreign['protocol'] is None and foreign['num_images'] is None
-    with pytest.raises(ValueError, match="no 'protocol' key.*EDM"):
-        fid.fid_from_stats(stats, foreign)
-    with pytest.warns(UserWarning, match='MIXING FID PROTOCOLS'):
-        assert fid.fid_from_stats(stats, foreign, allow_foreign=True) == pytest.approx(0, abs=1e-8)
+    np.savez_compressed(torch_fid, mu=stats['mu'], sigma=stats['sigma'])
+    for path, protocol in ((edm, 'edm'), (torch_fid, 'pytorch-fid')):
+        back = fid.load_stats(path)
+        assert back['protocol'] == protocol and back['protocol_inferred'] and back['num_images'] is None
     images = tmp_path / 'images.npz'
     np.savez(images, images=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match='no FID statistics'):
         fid.load_stats(images)
 
 
-# ---------------------------------------------------------------------------------------------
-# Weights download (file:// fixtures; never the network)
-# ---------------------------------------------------------------------------------------------
-
-def _hashed_copy(tmp_path, stem, payload_path):
-    """Rename a file to torch.hub's `<stem>-<sha256 prefix>.pth` form."""
-    digest = data.sha256_of(payload_path)
-    dest = tmp_path / f'{stem}-{digest[:8]}.pth'
-    payload_path.rename(dest)
-    return dest
-
-
-def test_download_checks_the_sha256_prefix_in_the_file_name(tmp_path, monkeypatch):
-    raw = tmp_path / 'raw.bin'
-    raw.write_bytes(b'not really weights')
-    good = _hashed_copy(tmp_path, 'tiny', raw)
-    cached = fid.download_weights(good.as_uri())
-    assert cached != good and cached.read_bytes() == b'not really weights'
-    bad = tmp_path / 'tiny-00000000.pth'
-    bad.write_bytes(b'not really weights')
-    with pytest.raises(ValueError, match='00000000.*deleted'):
-        fid.download_weights(bad.as_uri())
-    assert not (data.cache_root() / bad.name).exists()  # the bad cached copy is gone
-    # The official URL carries 6726825d, and it is checked (download faked: no network).
-    raw.write_bytes(b'something else')
-    monkeypatch.setattr(fid.data, 'download', lambda url: raw)
-    with pytest.raises(ValueError, match='6726825d'):
-        fid.download_weights()
+def test_mixing_protocols_is_refused_naming_the_file_to_use(tmp_path):
+    ours_edm, ours_pt = _stats(50000), _stats(50000, seed=13, protocol='pytorch-fid')
+    # A pytorch-fid reference under edm: use EDM's published file or make an edm one.
+    with pytest.raises(ValueError, match=r"protocol 'pytorch-fid'.*uses 'edm'.*--ref cifar10-32x32.*"
+                                         r'fid-refs/cifar10-32x32.npz.*--protocol pytorch-fid to use this'):
+        fid.fid_from_stats(ours_edm, ours_pt)
+    # An EDM reference (inferred from storage) under pytorch-fid: make a pytorch-fid one.
+    edm = tmp_path / 'cifar10-32x32.npz'
+    np.savez(edm, mu=ours_edm['mu'], sigma=ours_edm['sigma'])
+    with pytest.raises(ValueError, match=r"protocol 'edm' \(inferred.*ref --protocol pytorch-fid.*"
+                                         r'--protocol edm'):
+        fid.fid_from_stats(_stats(50000, protocol='pytorch-fid'), fid.load_stats(edm))
+    assert fid.fid_from_stats(_stats(50000), fid.load_stats(edm)) == pytest.approx(0, abs=1e-8)
+    with pytest.warns(UserWarning, match='MIXING FID PROTOCOLS'):
+        fid.fid_from_stats(ours_pt, fid.load_stats(edm), allow_foreign=True)
+    with pytest.raises(ValueError, match="protocol 'tf-slim'"):
+        fid.fid_from_stats(ours_edm, {**ours_pt, 'protocol': 'tf-slim'})
+    with pytest.raises(ValueError, match='no known protocol'):
+        fid.fid_from_stats({**ours_edm, 'protocol': None}, ours_edm)
 
 
-def test_load_inception_end_to_end(tmp_path, monkeypatch):
-    state = random_state_dict(seed=1)
-    raw = tmp_path / 'raw.pth'
-    torch.save(state, raw)
-    weights = _hashed_copy(tmp_path, 'pt_inception-test', raw)
-    monkeypatch.setattr(fid, 'WEIGHTS_URL', weights.as_uri())
-    net = fid.load_inception('cpu')
-    assert not net.training and next(net.parameters()).device.type == 'cpu'
-    loaded = net.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+def test_edms_published_references_are_downloaded_by_name(tmp_path, monkeypatch):
+    path = tmp_path / 'stored.npz'
+    np.savez_compressed(path, mu=np.zeros(4), sigma=np.eye(4))  # even stored differently: it is EDM's
+    calls = []
+    monkeypatch.setattr(fid.data, 'download', lambda url, sha256=None: calls.append((url, sha256)) or path)
+    ref = fid.load_reference('cifar10-32x32')
+    assert calls == [('https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz', None)]
+    assert ref['protocol'] == 'edm' and not ref['protocol_inferred']
+    assert fid.load_reference('https://example.org/mine.npz')['protocol'] == 'pytorch-fid'  # compressed
 
 
 # ---------------------------------------------------------------------------------------------
-# Images in, statistics out, and the CLI, with a cheap stand-in for the network
+# Images in, statistics out, with a cheap stand-in for the network
 # ---------------------------------------------------------------------------------------------
 
 class FakeNet(torch.nn.Module):
-    """A fixed random linear map of the pixels (order-sensitive) to 16 'features' and 10 'logits'."""
+    """A fixed random linear map of the preprocessed pixels to 16 'features' and 10 'logits'.
+
+    Each protocol scales the pixels its own way (and edm takes uint8 only), as the real one does.
+    """
 
     def __init__(self, pixels=3 * 8 * 8):
         super().__init__()
@@ -411,77 +235,221 @@ class FakeNet(torch.nn.Module):
         self.register_buffer('proj', proj)
         self.calls = 0
 
-    def forward(self, images):
+    def forward(self, images, protocol='edm'):
         self.calls += 1
-        x = images.double() / 255 if images.dtype == torch.uint8 else images.double()
-        out = x.flatten(1) @ self.proj  # float64: equal up to rounding whatever the batching
+        if protocol == 'edm':
+            assert images.dtype == torch.uint8
+            x = (images.double() - 128) / 128
+        else:
+            x = 2 * (images.double() / 255 if images.dtype == torch.uint8 else images.double()) - 1
+        x = x.expand(-1, 3, -1, -1).flatten(1)
+        out = x @ self.proj  # float64: equal up to rounding whatever the batching
         return out[:, :16], 5 * out[:, 16:]
 
 
-def _images(n, seed):
-    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)  # NHWC
+def _images(n, seed, size=8):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)  # NHWC
 
 
-def test_every_image_source_gives_the_same_features(tmp_path):
+def _png_folder(folder, nhwc):
+    for i, img in enumerate(nhwc):  # nested, as EDM's generate.py writes seed folders
+        (folder / f'{i // 3:06d}').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(
+            folder / f'{i // 3:06d}' / f'{i:06d}.png')
+    return folder
+
+
+@pytest.mark.parametrize('protocol', list(fid.PROTOCOLS))
+def test_every_image_source_gives_the_same_features(tmp_path, protocol):
     nhwc = _images(5, 15)
     npz = tmp_path / 'samples.npz'
     np.savez(npz, images=nhwc)
-    folder = tmp_path / 'pngs'
-    for i, img in enumerate(nhwc):  # nested, as EDM's generate.py writes seed folders
-        (folder / f'{i // 3:06d}').mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f'{i // 3:06d}' / f'{i:06d}.png')
+    folder = _png_folder(tmp_path / 'pngs', nhwc)
     net = FakeNet()
     nchw = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
-    expected = net(nchw)[0].numpy()
+    expected = net(nchw, protocol)[0].numpy()
     for source, workers in ((nchw, 0), (str(npz), 0), (folder, 0), (folder, 1)):
         features, logits = fid.compute_features(source, net, batch_size=2, num_workers=workers,
-                                                progress=False)
+                                                progress=False, protocol=protocol)
         assert features.shape == (5, 16) and logits.shape == (5, 10)
         np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-7)  # float32 output
     with pytest.raises(ValueError, match=r'uint8 images \[N, H, W, C\]'):
         np.savez(npz, images=nhwc.transpose(0, 3, 1, 2).astype(np.float32))
         fid.read_source(str(npz))
+    with pytest.raises(ValueError, match="unknown FID protocol 'tf'"):
+        fid.compute_features(nchw, net, protocol='tf')
 
 
-def test_cli_ref_and_calc(tmp_path, monkeypatch, capsys):
+def test_images_of_mixed_sizes_are_refused(tmp_path):
     net = FakeNet()
-    monkeypatch.setattr(fid, 'load_inception', lambda device=None, url=None: net)
-    # `--data cifar10` reads the training set through data.load_cifar10 (faked here).
+    folder = _png_folder(tmp_path / 'mixed', _images(3, 16))
+    Image.fromarray(_images(1, 17, size=6)[0]).save(folder / '000000' / 'zz.png')  # sorts last
+    # Inside one batch (in a DataLoader worker or not), and across batches.
+    for batch, workers in ((100, 0), (100, 1), (1, 0)):
+        with pytest.raises(ValueError, match=r'images of different sizes \(.*6, 6\).*resize them'):
+            fid.compute_features(folder, net, batch_size=batch, num_workers=workers, progress=False)
+    # Grayscale among RGB images of one size is fine: it is repeated over the channels.
+    rgb = _images(4, 18)
+    rgb[1] = rgb[1, :, :, :1]  # image 1 is gray: R = G = B
+    folder = _png_folder(tmp_path / 'gray', rgb)
+    Image.fromarray(rgb[1, :, :, 0]).save(folder / '000000' / '000001.png')  # stored as mode L
+    features, _ = fid.compute_features(folder, net, batch_size=4, progress=False)
+    expected = net(torch.from_numpy(rgb).permute(0, 3, 1, 2))[0].numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_inception_score_is_none_without_a_classifier():
+    class NoClassifier(FakeNet):
+        def forward(self, images, protocol='edm'):
+            features, logits = super().forward(images, protocol)
+            return features, torch.full_like(logits, float('nan'))
+
+    images = torch.from_numpy(_images(20, 19)).permute(0, 3, 1, 2)
+    assert fid.compute_stats(images, FakeNet(), progress=False)['inception_score'] is not None
+    stats = fid.compute_stats(images, NoClassifier(), progress=False)
+    assert stats['inception_score'] is None and stats['protocol'] == 'edm' and stats['num_images'] == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# PRDC
+# ---------------------------------------------------------------------------------------------
+
+def prdc_brute_force(real, fake, k):
+    """Naeem et al.'s four definitions, one pair at a time, in float64 numpy."""
+    dist = lambda a, b: float(np.sqrt(((a - b) ** 2).sum()))
+    radius = lambda s, i: sorted(dist(s[i], s[j]) for j in range(len(s)) if j != i)[k - 1]
+    r_real = [radius(real, i) for i in range(len(real))]
+    r_fake = [radius(fake, j) for j in range(len(fake))]
+    inside = [[dist(real[i], fake[j]) < r_real[i] for j in range(len(fake))] for i in range(len(real))]
+    precision = np.mean([any(inside[i][j] for i in range(len(real))) for j in range(len(fake))])
+    recall = np.mean([any(dist(real[i], fake[j]) < r_fake[j] for j in range(len(fake)))
+                      for i in range(len(real))])
+    density = sum(map(sum, inside)) / (k * len(fake))
+    coverage = np.mean([any(row) for row in inside])
+    return dict(precision=precision, recall=recall, density=density, coverage=coverage)
+
+
+@pytest.mark.parametrize('k, chunk', [(5, 1024), (3, 7)])
+def test_prdc_equals_the_brute_force_count(k, chunk):
+    rng = np.random.default_rng(20)
+    real = rng.standard_normal((60, 6))
+    fake = 1.2 * rng.standard_normal((45, 6)) + 0.6  # overlapping, not identical: values in (0, 1)
+    got = fid.prdc(real, fake, k=k, chunk=chunk)
+    expected = prdc_brute_force(real, fake, k)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert 0 < got['precision'] < 1 and 0 < got['recall'] < 1 and 0 < got['coverage'] < 1
+
+
+def test_prdc_known_answers():
+    x = np.random.default_rng(21).standard_normal((40, 5))
+    # Identical sets: every point lies in its own ball, and each ball holds exactly k other points
+    # strictly inside (itself and its k - 1 nearest): all four are 1.
+    assert fid.prdc(x, x.copy(), k=5) == pytest.approx(dict(precision=1, recall=1, density=1, coverage=1))
+    # Disjoint sets far apart: nothing in anyone's ball.
+    assert fid.prdc(x, x + 100, k=5) == dict(precision=0, recall=0, density=0, coverage=0)
+    # Half the fakes are real points, half far away: precision and density halve, coverage stays 1.
+    half = np.concatenate([x, x + 100])
+    got = fid.prdc(x, half, k=5)
+    assert got['precision'] == pytest.approx(0.5) and got['density'] == pytest.approx(0.5)
+    assert got['coverage'] == 1
+    with pytest.raises(ValueError, match='more than 5 images'):
+        fid.prdc(x[:5], x, k=5)
+
+
+def test_subset_is_edms_seeded_choice():
+    idx = fid.subset(100, 10, seed=3)
+    perm = np.arange(100)
+    np.random.RandomState(3).shuffle(perm)
+    assert np.array_equal(idx, np.sort(perm[:10]))
+    assert np.array_equal(fid.subset(8, 10), np.arange(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cli(monkeypatch):
+    """fid.main with FakeNet for the network and a faked CIFAR-10 training set (3000 images)."""
+    net, loads = FakeNet(), []
+    monkeypatch.setattr(fid, 'load_inception', lambda device=None, url=None, protocol='edm':
+                        loads.append((url, protocol)) or net)
     ref_nchw = torch.from_numpy(_images(3000, 16)).permute(0, 3, 1, 2)
-    splits_read = []
-    monkeypatch.setattr(fid.data, 'load_cifar10',
-                        lambda split: splits_read.append(split) or (ref_nchw, torch.zeros(3000)))
+    monkeypatch.setattr(fid.data, 'load_cifar10', lambda split: (ref_nchw, torch.zeros(3000)))
+    return net, loads, ref_nchw
+
+
+@pytest.mark.parametrize('protocol', list(fid.PROTOCOLS))
+def test_cli_ref_and_calc(tmp_path, fake_cli, capsys, protocol):
+    net, loads, ref_nchw = fake_cli
     ref = tmp_path / 'ref.npz'
-    fid.main(['ref', '--data', 'cifar10', '--dest', str(ref), '--batch', '512', '--workers', '0'])
-    assert splits_read == ['train']
+    flag = [] if protocol == 'edm' else ['--protocol', protocol]  # edm is the default
+    fid.main(['ref', '--data', 'cifar10', '--dest', str(ref), '--batch', '512', '--workers', '0',
+              '--weights', 'w.pt'] + flag)
+    assert loads == [('w.pt', protocol)]
     ref_stats = fid.load_stats(ref)
-    assert ref_stats['num_images'] == 3000 and ref_stats['protocol'] == fid.PROTOCOL
+    assert ref_stats['num_images'] == 3000 and ref_stats['protocol'] == protocol
 
     samples = tmp_path / 'samples.npz'
     nhwc = _images(2100, 17)
     np.savez(samples, images=nhwc)
     capsys.readouterr()
-    value = fid.main(['calc', '--images', str(samples), '--ref', str(ref), '--batch', '500'])
+    value = fid.main(['calc', '--images', str(samples), '--ref', str(ref), '--batch', '500'] + flag)
     out = capsys.readouterr().out
     # Independently: features of all images at once, numpy statistics, the Frechet distance.
-    f_gen = net(torch.from_numpy(nhwc).permute(0, 3, 1, 2))[0].float().double().numpy()
-    f_ref = net(ref_nchw)[0].float().double().numpy()  # features are stored as float32
+    f_gen = net(torch.from_numpy(nhwc).permute(0, 3, 1, 2), protocol)[0].float().double().numpy()
+    f_ref = net(ref_nchw, protocol)[0].float().double().numpy()  # features are stored as float32
     expected = fid.frechet_distance(f_gen.mean(0), np.cov(f_gen.T), f_ref.mean(0), np.cov(f_ref.T))
     assert value == pytest.approx(expected, rel=1e-6) and value > 0
-    assert f'FID {value:g}' in out and ' IS ' in out and fid.PROTOCOL in out
+    assert f'FID {value:g}' in out and ' IS ' in out and fid.PROTOCOLS[protocol] in out
 
-    # Too few images: refused before the network runs.
+    # Too few images, or a reference of the other protocol: refused before the network runs.
     few = tmp_path / 'few.npz'
     np.savez(few, images=nhwc[:100])
     calls = net.calls
     with pytest.raises(ValueError, match='at least 2048'):
-        fid.main(['calc', '--images', str(few), '--ref', str(ref)])
+        fid.main(['calc', '--images', str(few), '--ref', str(ref)] + flag)
+    other = 'pytorch-fid' if protocol == 'edm' else 'edm'
+    with pytest.raises(ValueError, match=f"made with protocol '{protocol}'.*uses '{other}'"):
+        fid.main(['calc', '--images', str(samples), '--ref', str(ref), '--protocol', other])
     assert net.calls == calls
-    # A foreign (EDM-style) reference: refused, or a loud warning when explicitly allowed.
-    edm = tmp_path / 'edm.npz'
-    np.savez(edm, mu=ref_stats['mu'], sigma=ref_stats['sigma'])
-    with pytest.raises(ValueError, match='allow-foreign-ref'):
-        fid.main(['calc', '--images', str(samples), '--ref', str(edm)])
     with pytest.warns(UserWarning, match='MIXING'):
-        assert fid.main(['calc', '--images', str(samples), '--ref', str(edm),
-                         '--allow-foreign-ref']) == pytest.approx(value, rel=1e-12)
+        fid.main(['calc', '--images', str(samples), '--ref', str(ref), '--protocol', other,
+                  '--allow-foreign-ref'])
+
+
+def test_cli_calc_against_edms_published_reference(tmp_path, fake_cli, monkeypatch, capsys):
+    net, _, _ = fake_cli
+    nhwc = _images(2100, 22)
+    f = net(torch.from_numpy(nhwc).permute(0, 3, 1, 2))[0].float().double().numpy()
+    published = tmp_path / 'cifar10-32x32.npz'
+    np.savez(published, mu=f.mean(0) + 0.1, sigma=np.cov(f.T))  # what EDM's `fid.py ref` writes
+    monkeypatch.setattr(fid.data, 'download', lambda url, sha256=None: published)
+    samples = tmp_path / 'samples.npz'
+    np.savez(samples, images=nhwc)
+    value = fid.main(['calc', '--images', str(samples), '--ref', 'cifar10-32x32'])
+    assert value == pytest.approx(16 * 0.1 ** 2, rel=1e-6)  # same sigma: only the mean shift remains
+    with pytest.raises(ValueError, match="'edm'.*uses 'pytorch-fid'"):
+        fid.main(['calc', '--images', str(samples), '--ref', 'cifar10-32x32', '--protocol', 'pytorch-fid'])
+
+
+def test_cli_prdc(tmp_path, fake_cli, capsys):
+    net, _, ref_nchw = fake_cli
+    samples = tmp_path / 'samples.npz'
+    nhwc = _images(300, 23)
+    np.savez(samples, images=nhwc)
+    scores = fid.main(['prdc', '--images', str(samples), '--ref-images', 'cifar10', '--num', '200',
+                       '--seed', '4', '--workers', '0'])
+    real = net(ref_nchw[torch.from_numpy(fid.subset(3000, 200, 4))])[0].float().numpy()
+    fake = net(torch.from_numpy(nhwc[fid.subset(300, 200, 4)]).permute(0, 3, 1, 2))[0].float().numpy()
+    assert scores == pytest.approx(fid.prdc(real, fake, k=5), abs=1e-12)
+    assert 'precision' in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path):
+    missing = tmp_path / 'nothing.npz'
+    command = [sys.executable, 'fid.py', 'calc', '--images', str(missing), '--ref', str(missing)]
+    result = subprocess.run(command, cwd=Path(fid.__file__).parent, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count('\n') == 0 and result.stderr.startswith('fid.py: error: No such file')

@@ -220,15 +220,19 @@ def weighted_error(net, D_w, w, n=4000, **cond_net_kwargs):
     return (gp.loss_weight('edm', s, 0.5).float() * err).mean().item()
 
 
-def test_default_run_folders_keep_both_stage_two_chains_apart(tmp_path, monkeypatch):
+def test_default_run_folders_are_numbered_and_keep_both_stage_two_chains_apart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s1 = gp._setup(gp.GuidedConfig(teacher='toy:ring'), 'stage1')
-    assert s1[0].weighting == 'edm' and s1[0].ema == 0.9999 and s1[2] == Path('runs/guided-stage1-toy-ring')
-    teacher = 'runs/guided-stage1-toy-ring/student.pt'
-    det = gp._setup(gp.GuidedConfig(teacher=teacher), 'stage2')
-    sto = gp._setup(gp.GuidedConfig(teacher=teacher, stochastic=True), 'stage2')
+    assert s1[0].weighting == 'edm' and s1[0].ema == 0.9999 and s1[2] == Path('runs/00000-guided-stage1-toy-ring')
+    teacher = s1[2] / 'student.pt'
+    models.save_model(teacher, toy.toy_net(label_dim=8, width=8, depth=1))
+    det = gp._setup(gp.GuidedConfig(teacher=str(teacher)), 'stage2')
+    sto = gp._setup(gp.GuidedConfig(teacher=str(teacher), stochastic=True), 'stage2')
     assert det[0].weighting == 'snr_trunc' and det[0].ema == 0.0
-    assert det[2] == Path('runs/guided-stage2-guided-stage1-toy-ring') and sto[2] == Path(f'{det[2]}-stochastic')
+    assert det[2] == Path('runs/00001-guided-stage2-00000-guided-stage1-toy-ring')
+    assert sto[2] == Path('runs/00002-guided-stage2-00000-guided-stage1-toy-ring-stochastic')
+    with pytest.raises(ValueError, match='already holds a run'):  # an explicit folder of another run
+        gp._setup(gp.GuidedConfig(teacher='toy:ring', run_dir=str(s1[2])), 'stage1')
 
 
 def test_stage_one_student_learns_the_guided_denoiser(teacher, stage1):
@@ -363,7 +367,7 @@ def test_cli_runs_both_stages_down_to_one_step(teacher, tmp_path):
     cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(tmp_path / 's2' / 'student-n2.pt'), 'round_iters': 2,
                              'final_round_iters': 2}, run_dir=str(tmp_path / 's3'))
     assert [models.load_model(p)[1]['N'] for p in gp.stage_two(cfg, progress=False, log=lambda *a: None)] == [1]
-    with pytest.raises(ValueError, match='stage-one student'):
+    with pytest.raises(ValueError, match='stage-one .or stage-two. student file'):
         gp.stage_two(gp.GuidedConfig(teacher='toy:ring', run_dir=str(tmp_path / 'x')), log=lambda *a: None)
 
 

@@ -4,6 +4,8 @@ guidance, every output format, torchrun's seed split and clear errors.
 Models are tiny random U-Nets and untrained toy MLPs saved in temporary folders; nothing is
 trained or downloaded. Parity with NVIDIA's generate.py itself was checked outside the suite.
 """
+import dataclasses
+import json
 import math
 import os
 import runpy
@@ -27,7 +29,7 @@ import unet
 
 TINY = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[4], dropout=0.0)
-FEW = dict(sample.TEACHER_DEFAULTS, nfe=3)  # Heun, 2 timestamps + 0: one Heun and one Euler step
+FEW = solvers.Recipe(nfe=3)  # Heun, 2 timestamps + 0: one Heun and one Euler step
 
 
 def tiny(label_dim=0, seed=0):
@@ -165,7 +167,7 @@ def test_classifier_free_guidance_costs_two_calls_per_evaluation():
     """A conditional model with --guidance w: D_w at two calls per evaluation, reported as such."""
     net = tiny(label_dim=4, seed=1)
     calls = Calls(net)
-    s = dict(FEW, nfe=5)
+    s = solvers.Recipe(nfe=5)
     w = 1.5
     x = sample.generate(net, [0, 1], s, guidance=w, progress=False, raw=True)
     plan = sample.make_plan(net, s, guidance=w)
@@ -229,7 +231,7 @@ def test_stochastic_sampler_uses_each_seeds_own_generator():
     """Meng's N-step sampler draws its fresh noise from each image's generator, after the latents."""
     net = tiny()
     calls = Calls(net)
-    s = dict(FEW, nfe=4)
+    s = solvers.Recipe(nfe=4)
     x = sample.generate(net, [0, 1, 2], s, stochastic=True, batch=2, progress=False, raw=True)
     assert len(calls.calls) == 4 * 2  # N calls per batch, two batches
     # Meng Eq. 4-7 over time_schedule(4), its fresh noise continuing each seed's generator.
@@ -238,7 +240,7 @@ def test_stochastic_sampler_uses_each_seeds_own_generator():
     D = lambda x_, t, **c: net(x_.float(), t)
     ref = solvers.stochastic_sample(D, 80 * z, solvers.time_schedule(4), generator=gens)
     torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
-    ode = sample.generate(net, [0, 1, 2], dict(s, solver='euler'), progress=False, raw=True)
+    ode = sample.generate(net, [0, 1, 2], dataclasses.replace(s, solver='euler'), progress=False, raw=True)
     assert (x - ode).abs().max() > 1e-3  # the re-noising matters
 
 
@@ -282,7 +284,7 @@ def test_student_overrides_and_untrained_nfe_warn(student):
     net, meta = models.load(student)
     with pytest.warns(UserWarning, match='overriding the sfd-v student'):
         s = sample.resolve_sampling(meta, 3, solver='heun')
-    assert s['solver'] == 'heun' and s['nfe'] == [2, 3]
+    assert s.solver == 'heun' and s.nfe == [2, 3]
     with pytest.warns(UserWarning, match='distilled for NFE'):
         s = sample.resolve_sampling(meta, 4)
     calls = Calls(net)
@@ -370,7 +372,7 @@ def test_point_models_write_float_points(files, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('args, message', [
-    (['--model', 'no-such-model'], 'no preset'),
+    (['--model', 'no-such-model'], 'unknown model'),
     (['--model', '{d}/cond.pt', '--class', '4'], r'class index 4 is out of range: this model has 4 classes'),
     (['--model', '{d}/uncond.pt', '--class', '0'], 'needs a class-conditional model'),
     (['--model', '{d}/uncond.pt', '--guidance', '1'], 'this one is unconditional'),
@@ -420,5 +422,35 @@ def test_two_processes_split_seeds_and_rank_0_gathers_them(files, tmp_path):
 def test_command_line_errors_are_one_line(files, monkeypatch, capsys):
     """Run as a script, a bad request ends with one 'sample.py: error: ...' line, no traceback."""
     monkeypatch.setattr(sys, 'argv', ['sample.py', '--model', str(files / 'cond.pt')])
-    with pytest.raises(SystemExit, match='^sample.py: error: no output requested'):
+    with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / 'sample.py'), run_name='__main__')
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith('sample.py: error: no output requested')
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of every kind, as the code before sampling recipes wrote them (tests/fixtures/)
+# ---------------------------------------------------------------------------------------------
+
+V0 = ROOT / 'tests' / 'fixtures'
+
+
+@pytest.mark.parametrize('name', sorted(json.load(open(V0 / 'v0-expected.json'))))
+def test_old_files_of_every_kind_load_and_sample_identically(name):
+    """Written by the pre-recipe code (make_v0_fixtures.py, run on that commit): a toy teacher,
+    SFD and SFD-v students, guided stage-one and stage-two (DDIM and stochastic) students. They
+    load through models.load and sample exactly as that code's sample.generate did; students
+    also through solvers.sample_with (what notebooks and distill's evaluation use)."""
+    case = json.load(open(V0 / 'v0-expected.json'))[name]
+    net, meta = models.load(V0 / name)
+    s = sample.resolve_sampling(meta, case['nfe'] if 'method' in meta else None)
+    x = sample.generate(net, case['seeds'], s, nfe=case['nfe'], guidance=case.get('guidance'), progress=False,
+                        raw=True)
+    torch.testing.assert_close(x, torch.tensor(case['samples'], dtype=x.dtype), rtol=0, atol=1e-6)
+    if 'method' in meta or 'N' in meta:
+        z, labels, gens = sample.noise(case['seeds'], [2], net.label_dim)
+        cond = {'class_labels': labels} if net.label_dim else {}
+        cond.update({'guidance': case['guidance']} if 'guidance' in case else {})
+        y = solvers.sample_with(lambda x_, t_, **c: net(x_.float(), t_, **c), z.double(), meta['sampling'],
+                                nfe=case['nfe'], generator=gens, **cond)
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
