@@ -9,6 +9,9 @@ A *spec* names a model wherever one is expected (`--teacher`, `--model`, `--unco
     path/to/net.pkl, https://...pkl
                               an EDM network pickle, read as data: no code from the file runs
     path/to/model.pt          a file of ours (save_model): teachers, SFD and guided students
+    owner/name, path/to/pipeline/
+                              a diffusers pipeline (latent.py; the optional extra): Stable Diffusion,
+                              latent and pixel DDPMs, from the hub or a save_pretrained folder
 
 `load(spec)` is the one loader: it returns the network in eval mode, frozen, and metadata that
 always holds `source`, `shape` (one sample's shape) and `sampling` (a solvers.Recipe as a dict:
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 import data
+import latent
 import solvers
 import toy
 import unet
@@ -279,6 +283,9 @@ KINDS = {
     'pickle': ('an EDM network .pkl file or URL', lambda s: _is_file(s, '.pkl'), _load_edm_spec),
     'ours': ("a model file of this project (.pt), e.g. runs/<run>/student.pt",
              lambda s: _is_file(s, '.pt', '.pth'), _load_ours),
+    'diffusers': ('a diffusers pipeline: a hub id (owner/name, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)'
+                  ' or a folder with model_index.json (needs pip install -r requirements-latent.txt)',
+                  latent.is_spec, latent.load),
 }
 
 
@@ -294,7 +301,10 @@ def kind_of(spec):
 
 
 def shape_of(net):
-    """One sample's shape: [C, H, W] for an image network, [D] for a point model (ToyMLP)."""
+    """One sample's shape: [C, H, W] for an image network, [D] for a point model (ToyMLP); a
+    diffusers model knows its own (latents for Stable Diffusion)."""
+    if getattr(net, 'shape', None) is not None:
+        return list(net.shape)
     if isinstance(net.model, (unet.SongUNet, unet.DhariwalUNet)):
         return [net.img_channels, net.img_resolution, net.img_resolution]
     return [net.img_channels]

@@ -18,6 +18,7 @@ to the float rounding of batched network arithmetic).
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -35,6 +36,7 @@ from tqdm import tqdm
 import cli
 import data
 import fid  # only for IMAGES_KEY: the npz layout fid.py reads
+import latent
 import models
 import solvers
 
@@ -126,7 +128,9 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
     over the recipe's schedule: N calls.
     """
     cond, cfg = {}, None
-    if getattr(net, 'use_guidance_condition', False):
+    if getattr(net, 'text', False) and guidance is not None:  # a text model: CFG against the empty prompt
+        cfg = float(guidance) if guidance != 0 else None
+    elif getattr(net, 'use_guidance_condition', False):
         if guidance is None:
             raise ValueError('this model takes the guidance strength as an input: pass --guidance w '
                              "(Meng's w; w = 0 is the plain conditional model)")
@@ -161,7 +165,8 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
 
 @torch.no_grad()
 def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, uncond=None, batch=64,
-             device=None, stochastic=False, progress=True, raw=False, on_batch=None, return_labels=False):
+             device=None, stochastic=False, progress=True, raw=False, on_batch=None, return_labels=False,
+             prompts=None):
     """Samples for `seeds`, in their order: uint8 images [N, C, H, W] (EDM's conversion, on the CPU),
     or float points [N, D] for a point model; `raw=True` returns the float images instead.
 
@@ -169,7 +174,9 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
     drawn per seed); `device` defaults to the network's; `on_batch(seeds, samples, labels)` is
     called after every batch (sample.py's CLI writes PNGs there); `return_labels=True` returns
     (samples, class indices [N] or None). The state is integrated in float64 as in EDM's
-    sampler, the network evaluated in its own dtype.
+    sampler, the network evaluated in its own dtype. A diffusers model (latent.Denoiser) starts
+    from diffusers' prior, x = sqrt(1 + t_max^2) z, takes `prompts` (the i-th seed gets prompt i,
+    cycling) if it is text-conditioned, and its final latents are decoded by its VAE.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     shape, label_dim = models.shape_of(net), net.label_dim
@@ -177,22 +184,35 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
         raise ValueError('--class needs a class-conditional model; this one is unconditional' if not label_dim
                          else f'class index {class_idx} is out of range: this model has {label_dim} classes')
     plan = make_plan(net, sampling, nfe, guidance, uncond, stochastic)
+    diffusers_model = isinstance(net, latent.Denoiser)
+    text = diffusers_model and net.text
+    if text and not prompts:
+        raise ValueError('this model is text-conditioned: give --prompt TEXT or --prompts FILE')
+    if prompts and not text:
+        raise ValueError('--prompt/--prompts are for text-conditioned (diffusers) models; this one takes none')
     dtype = next(net.parameters()).dtype
     D = lambda x, t, **c: net(x.to(dtype), t, **c)  # EDM casts the state to the network's dtype
-    if plan.cfg is not None:  # Meng Sec. 2 / Ho & Salimans: (1 + w) D(x, c) - w D_u(x)
+    if plan.cfg is not None and text:  # SFD Eq. 9: D_u + omega (D_c - D_u), the empty prompt as D_u
+        D = latent.guided(D, plan.cfg, net.encode_prompts(['']))
+    elif plan.cfg is not None:  # Meng Sec. 2 / Ho & Salimans: (1 + w) D(x, c) - w D_u(x)
         D_u = None if uncond is None else (lambda x, t, **c: uncond(x.to(dtype), t, **c))
         D = solvers.guided(D, plan.cfg, uncond=D_u)
+    start = latent.init_scale if diffusers_model else float  # diffusers' prior, or x = t_max z
     out, out_labels = [], []
     for i in tqdm(range(0, len(seeds), batch), unit='batch', disable=not progress or None, desc='sample'):
         chunk = seeds[i:i + batch]
         D_checked = finite_or_raise(D, chunk)
         z, labels, gens = noise(chunk, shape, label_dim, class_idx, device)
         cond = dict(plan.cond, **({'class_labels': labels} if label_dim else {}))
-        x_T = float(plan.t_steps[0]) * z.to(torch.float64)  # x = t_max z (the solvers' convention)
+        if text:
+            cond['encoder_hidden_states'] = net.encode_prompts([prompts[k % len(prompts)] for k in range(i, i + len(chunk))])
+        x_T = start(plan.t_steps[0]) * z.to(torch.float64)
         if plan.solver == 'stochastic':  # fresh noise per step from each image's own generator
             x = solvers.stochastic_sample(D_checked, x_T, plan.t_steps, generator=gens, **cond)
         else:
             x = solvers.sample(D_checked, x_T, plan.t_steps, plan.solver, afs=plan.afs, **cond)
+        if diffusers_model:  # latents (or a VP pixel state) to images in [-1, 1]
+            x = net.decode(x, sigma=float(plan.t_steps[-1])).to(torch.float64)
         out.append((x if raw or len(shape) == 1 else to_uint8(x)).cpu())
         out_labels.append(None if labels is None else labels.argmax(1).cpu())
         if on_batch is not None:
@@ -274,7 +294,7 @@ def save_npz(path, samples, seeds, labels=None):
 # Models and their sampling configuration
 # ---------------------------------------------------------------------------------------------
 
-def resolve_sampling(meta, nfe=None, **overrides):
+def resolve_sampling(meta, nfe=None, net=None, **overrides):
     """The recipe to sample with: the model's own (meta['sampling']; EDM's sampler for a model
     without one), with the non-None `overrides` (solver, afs, schedule, rho, t_min, t_max,
     ends_at_zero). A teacher takes any `nfe`. A distilled student (meta has 'method', or a stored
@@ -282,6 +302,8 @@ def resolve_sampling(meta, nfe=None, **overrides):
     allowed but warned about."""
     r = solvers.Recipe.from_dict(meta.get('sampling') or solvers.Recipe())
     given = {k: v for k, v in overrides.items() if v is not None}
+    if r.schedule == 'discrete' and (nfe is not None or given):  # a diffusers model: its own grid
+        return discrete_recipe(r, net, nfe, given)
     if r.t_steps is not None and given.keys() & {'schedule', 'rho', 't_min', 't_max'}:
         raise ValueError('this student stores its time grid (t_steps): its schedule cannot be changed')
     if 'method' in meta or r.t_steps is not None:  # distilled (SFD: distill.py, Meng: guided_pd.py)
@@ -296,6 +318,42 @@ def resolve_sampling(meta, nfe=None, **overrides):
     if 'solver' in given and 'ends_at_zero' not in given:  # a new solver ends where it usually does
         given['ends_at_zero'] = ends_at_zero_default(given['solver'])
     return dataclasses.replace(r, **given)
+
+
+def discrete_recipe(recipe, net, nfe, given):
+    """A diffusers model's recipe for another NFE or solver: diffusers' own grid of the matching
+    step count (`latent.Denoiser.schedule`), ending at 0; its schedule kind stays its own."""
+    if given.keys() & {'schedule', 'rho', 't_min', 't_max'}:
+        raise ValueError('a diffusers model samples its own discrete grid: --schedule, --rho, --t-min and '
+                         '--t-max do not apply (choose --solver and --nfe)')
+    r = dataclasses.replace(recipe, **given, ends_at_zero=True)
+    nfe = nfe or r.nfes()[0]
+    n = solvers.steps_for_nfe(r.solver, nfe, r.afs, ends_at_zero=True)
+    return dataclasses.replace(r, nfe=nfe, t_steps=net.schedule(n).tolist())
+
+
+def read_prompts(prompt=None, path=None):
+    """The prompts of --prompt TEXT or --prompts FILE: one per line, or MS-COCO's captions JSON
+    (its 'annotations'[*]['caption']), or a .csv with a 'text' column (SFD's COCO file)."""
+    if prompt is not None:
+        return [prompt]
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f'--prompts {path}: no such file')
+    if path.suffix == '.json':
+        out = [a['caption'].strip() for a in json.loads(path.read_text()).get('annotations', [])]
+    elif path.suffix == '.csv':
+        import csv
+        with open(path, newline='') as f:
+            out = [row['text'].strip() for row in csv.DictReader(f) if row.get('text')]
+    else:
+        out = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not out:
+        raise ValueError(f'--prompts {path}: no prompts found (one per line, COCO captions .json, or .csv '
+                         "with a 'text' column)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +394,9 @@ def main(argv=None):
     p.add_argument('--class', dest='class_idx', type=int, help='class index (default: random per seed)')
     p.add_argument('--guidance', type=float, help="guidance strength, Meng's w (SFD's omega = 1 + w)")
     p.add_argument('--uncond', help='unconditional model for classifier-free guidance (default: null label)')
+    p.add_argument('--prompt', help='text-conditioned models (Stable Diffusion): one prompt for every seed')
+    p.add_argument('--prompts', help='a file of prompts (one per line, COCO captions .json, .csv with '
+                                     "'text'): seed i gets prompt i")
     p.add_argument('--grid', help='write a PNG grid of all images here')
     p.add_argument('--outdir', help='write one PNG per image: DIR/000000/000123.png (EDM layout)')
     p.add_argument('--npz', help='write uint8 NHWC images (or 2-D points) for fid.py here')
@@ -355,6 +416,10 @@ def main(argv=None):
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(f"--guidance {args.guidance}: Meng's w must be finite and >= 0")
     seeds = parse_seeds(args.seeds)
+    if args.prompt is not None and args.prompts:
+        raise ValueError('give --prompt or --prompts, not both')
+    prompts = read_prompts(args.prompt, args.prompts)
+    per_seed = None if prompts is None else [prompts[j % len(prompts)] for j in range(len(seeds))]
     for path, flag in ((args.grid, '--grid'), (args.outdir, '--outdir'), (args.npz, '--npz')):
         check_output(path, flag)
     models.kind_of(args.model)  # an unknown spec fails before any download
@@ -364,7 +429,7 @@ def main(argv=None):
     if args.compile:  # fused kernels; attributes (label_dim, conditions) still read through the wrapper
         net, uncond = torch.compile(net), uncond if uncond is None else torch.compile(uncond)
 
-    sampling = resolve_sampling(meta, args.nfe, solver=args.solver, schedule=args.schedule, rho=args.rho,
+    sampling = resolve_sampling(meta, args.nfe, net, solver=args.solver, schedule=args.schedule, rho=args.rho,
                                 t_min=args.t_min, t_max=args.t_max, afs=args.afs,
                                 ends_at_zero=args.ends_at_zero)
     if len(meta['shape']) == 1 and (args.grid or args.outdir):
@@ -377,7 +442,7 @@ def main(argv=None):
     write = (lambda s, x, y: save_images(x, s, args.outdir)) if args.outdir else None
     x, labels = generate(net, mine, sampling, args.nfe, args.class_idx, args.guidance, uncond, args.batch,
                          device, args.stochastic, progress=not args.quiet and rank == 0, on_batch=write,
-                         return_labels=True)
+                         return_labels=True, prompts=None if prompts is None else per_seed[rank::world])
     if world > 1 and (args.npz or args.grid):  # rank 0 puts every rank's share back in seed order
         shares = [None] * world
         dist.all_gather_object(shares, (x, labels))

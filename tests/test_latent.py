@@ -532,3 +532,54 @@ def test_missing_extra_gives_one_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'diffusers', None)
     with pytest.raises(ImportError, match=r'pip install -r requirements-latent\.txt'):
         latent.load('google/ddpm-cifar10-32')
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the resolver and sample.py (what a user runs)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def sd_folder(parts, tmp_path_factory):
+    """A tiny Stable Diffusion pipeline saved as diffusers saves one (float32 weights)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    folder = tmp_path_factory.mktemp('pipelines') / 'sd'
+    p32 = {k: (copy.deepcopy(v).float() if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
+    StableDiffusionPipeline(**p32, scheduler=PNDMScheduler(**SD, skip_prk_steps=True, steps_offset=1),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+@needs_diffusers
+def test_resolver_loads_a_pipeline_folder(sd_folder):
+    import models
+    net, meta = models.load(sd_folder)
+    assert models.kind_of(str(sd_folder)) == 'diffusers' and meta['kind'] == 'diffusers'
+    assert meta['shape'] == [4, 8, 8] and solvers.Recipe.from_dict(meta['sampling']).solver == 'dpmpp2m'
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+@needs_diffusers
+def test_sample_py_draws_stable_diffusion_with_prompts_and_guidance(sd_folder, tmp_path, capsys):
+    """sample.py with --prompt(s) and --guidance: decoded 16x16 images, NFE doubled by CFG, seeds
+    independent of the batch, every solver of solvers.py (on the model's own discrete grid)."""
+    import sample
+    args = ['--model', str(sd_folder), '--seeds', '0-2', '--quiet', '--device', 'cpu']
+    x = sample.main(args + ['--prompt', 'a cat', '--guidance', '6.5', '--nfe', '4', '--npz', str(tmp_path / 'a.npz')])
+    out = capsys.readouterr().out
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.uint8
+    assert 'NFE 8 per image' in out and 'classifier-free guidance w=6.5' in out
+    y = sample.main(args + ['--prompt', 'a cat', '--guidance', '6.5', '--nfe', '4', '--batch', '1',
+                            '--grid', str(tmp_path / 'g.png')])
+    assert (x.int() - y.int()).abs().max() <= 1  # per-seed noise: the batch size changes nothing (rounding)
+    (tmp_path / 'p.txt').write_text('a cat\n\na dog\n')
+    z = sample.main(args + ['--prompts', str(tmp_path / 'p.txt'), '--nfe', '3', '--solver', 'euler',
+                            '--npz', str(tmp_path / 'b.npz')])
+    assert 'NFE 3 per image' in capsys.readouterr().out and not torch.equal(z[0], z[1])  # two prompts
+    for solver, nfe in (('heun', 5), ('dpm2', 5), ('ipndm', 3), ('dpmpp3m', 3)):
+        sample.main(args + ['--prompt', 'a', '--solver', solver, '--nfe', str(nfe), '--npz', str(tmp_path / 'c.npz')])
+        assert f'NFE {nfe} per image' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='text-conditioned: give --prompt'):
+        sample.main(args + ['--npz', str(tmp_path / 'd.npz')])
+    with pytest.raises(ValueError, match='its own discrete grid'):
+        sample.main(args + ['--prompt', 'a', '--t-min', '0.1', '--npz', str(tmp_path / 'd.npz')])
