@@ -144,7 +144,7 @@ def bench_sampling(net, batch, nfe, device, repeat):
         cfg = dict(solver=name, nfe=nfe, afs=False, schedule='polynomial', rho=7.0, t_min=0.002,
                    t_max=80.0, ends_at_zero=name in ('heun', 'dpm2', 'euler'))
         try:
-            solvers.sampling_schedule(cfg)
+            solvers.schedule_for(cfg)
         except ValueError:
             cfg['nfe'] = nfe + 1  # two-call solvers need an odd count when ending at zero
         with torch.inference_mode():
