@@ -112,7 +112,7 @@ def device(name='auto'):
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f'--device {name}: not a device name (use auto, cpu, cuda or cuda:<index>)') from None
+        raise ValueError(f'--device {name}: not a device (use auto, cpu, cuda or cuda:<index>)') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'--device {name}: no CUDA GPU is visible to torch here; use --device cpu')
     if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -558,5 +558,6 @@ if __name__ == '__main__':
     # EDM's CIFAR-10 DDPM++, the network of edm-cifar10-32x32-uncond-vp.pkl (55,733,891 parameters).
     net = EDMPrecond(img_resolution=32, img_channels=3, model_type='SongUNet', embedding_type='positional',
                      encoder_type='standard', decoder_type='standard', channel_mult_noise=1,
-                     resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
+                     resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2], augment_dim=9,
+                     dropout=0.13)
     print(f'{type(net.model).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters')
