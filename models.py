@@ -284,7 +284,8 @@ KINDS = {
     'ours': ("a model file of this project (.pt), e.g. runs/<run>/student.pt",
              lambda s: _is_file(s, '.pt', '.pth'), _load_ours),
     'diffusers': ('a diffusers pipeline: a hub id (owner/name, e.g. '
-                  'stable-diffusion-v1-5/stable-diffusion-v1-5) or a folder with model_index.json (needs pip install -r requirements-latent.txt)',
+                  'stable-diffusion-v1-5/stable-diffusion-v1-5) or a folder with model_index.json '
+                  '(needs pip install -r requirements-latent.txt)',
                   latent.is_spec, latent.load),
 }
 
