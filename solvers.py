@@ -434,7 +434,7 @@ class Recipe:
         return cls(**{**old, **d, 'version': RECIPE_VERSION})
 
 
-def schedule_for(recipe, nfe=None):
+def schedule_for(recipe, nfe=None, warn=True):
     """(t_steps, nfe, cond): the timestamps and conditions a recipe prescribes for one NFE.
 
     `nfe` picks one of the trained NFE (SFD-v); a single-NFE recipe needs none. An explicit grid
@@ -467,8 +467,9 @@ def schedule_for(recipe, nfe=None):
         step = r.step_values.get(str(nfe))
         if step is None:
             step = len(t)
-            warnings.warn(f'NFE {nfe} was not trained (step values {r.step_values}); using step={step}, '
-                          'the number of timestamps', stacklevel=2)
+            if warn:
+                warnings.warn(f'NFE {nfe} was not trained (step values {r.step_values}); using step={step}, '
+                              'the number of timestamps', stacklevel=2)
         cond['step'] = step
     return t, nfe, cond
 
@@ -478,7 +479,7 @@ def sample_with(denoiser, z, recipe, nfe=None, generator=None, **cond):
     its solver over its schedule with its conditions (an explicit step= wins, e.g. to probe an
     untrained NFE). `generator` feeds the stochastic sampler (one or one per sample)."""
     r = Recipe.from_dict(recipe)
-    t_steps, _, rc = schedule_for(r, nfe)
+    t_steps, _, rc = schedule_for(r, nfe, warn='step' not in cond)  # an explicit step= is not a mistake
     cond = {**rc, **cond}
     x = float(t_steps[0]) * z
     if r.solver == 'stochastic':

@@ -1,5 +1,6 @@
 """Tests for solvers.py: schedules, exact ODE solutions, convergence orders, NFE counts, AFS."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -448,3 +449,12 @@ def test_classifier_free_guidance_combination():
     U = lambda x, t: x - 1.0  # a separate unconditional network (EDM's two CIFAR-10 models)
     torch.testing.assert_close(solvers.guided(D, 1.0, uncond=U)(x, t, class_labels=c),
                                2 * D(x, t, c) - (x - 1.0))
+
+
+def test_an_explicit_step_overrides_without_a_warning():
+    r = solvers.Recipe('euler', [2, 3], ends_at_zero=False, step_values={'2': 3, '3': 4})
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        solvers.sample_with(lambda x, t, step=None: seen.append(step) or x, torch.zeros(1, 2), r, nfe=5, step=9)
+    assert set(seen) == {9}
