@@ -2,6 +2,7 @@
 
 Prints a table and writes JSON. On a GPU it runs the full CIFAR-10 sizes; on a CPU it runs
 reduced sizes (a quarter-width DDPM++, small batches: the table says which) in a few minutes.
+benchmarks/gpu_check.py builds its measurements from the functions here.
 
     python benchmarks/bench.py                       # auto device, sizes for it
     python benchmarks/bench.py --device cuda --compile --json bench.json
@@ -26,45 +27,133 @@ import fid  # noqa: E402
 import solvers  # noqa: E402
 import unet  # noqa: E402
 
-# Published dense peaks in TFLOP/s (no sparsity): bf16 tensor cores and fp32 (tf32 off).
-PEAKS = {'H100': {'bf16': 989.0, 'fp32': 67.0}, 'H200': {'bf16': 989.0, 'fp32': 67.0},
-         'A100': {'bf16': 312.0, 'fp32': 19.5}}
+# Published dense peaks in TFLOP/s (no sparsity) from NVIDIA's data sheets: bf16 and tf32 tensor
+# cores, plain fp32. Matched in order against torch.cuda.get_device_name (case-insensitive), so
+# the PCIe and NVL boards come before the SXM name they contain ("NVIDIA H100 80GB HBM3" is SXM).
+PEAKS = (('H100 PCIe', {'bf16': 756.0, 'tf32': 378.0, 'fp32': 51.0}),
+         ('H100 NVL', {'bf16': 835.0, 'tf32': 418.0, 'fp32': 60.0}),
+         ('H200 NVL', {'bf16': 835.0, 'tf32': 418.0, 'fp32': 60.0}),
+         ('H100', {'bf16': 989.0, 'tf32': 495.0, 'fp32': 67.0}),
+         ('H200', {'bf16': 989.0, 'tf32': 495.0, 'fp32': 67.0}),
+         ('A100', {'bf16': 312.0, 'tf32': 156.0, 'fp32': 19.5}))
 DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
               decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
               model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
 
 
-def timed(fn, device, repeat):
-    """Median seconds of `repeat` calls after one warm-up call."""
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device, reset=False):
+    """Peak GiB allocated on a CUDA device since the last reset (None on a CPU); `reset` starts anew."""
+    if device.type != 'cuda':
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def measure(fn, device, repeat):
+    """(median seconds of `repeat` calls after one warm-up call, the warm-up's seconds (it holds
+    compilation and cuDNN's autotuning), peak GiB allocated by the timed calls; None on a CPU)."""
+    sync(device)
+    t0 = time.perf_counter()
     fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    peak_gib(device, reset=True)
     times = []
     for _ in range(repeat):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], first, peak_gib(device)
+
+
+def timed(fn, device, repeat):
+    """Median seconds of `repeat` calls after one warm-up call."""
+    return measure(fn, device, repeat)[0]
 
 
 def flops_of(fn):
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+        out = fn()
+    return counter.get_total_flops(), out
+
+
+def precision_of(variant, device):
+    """The peak a variant is compared with: bf16 under autocast; else tf32 where cuDNN runs the
+    convolutions (nearly all the U-Net's FLOPs) in TF32, PyTorch's default on CUDA; else fp32."""
+    if 'bf16' in variant:
+        return 'bf16'
+    return 'tf32' if device.type == 'cuda' and torch.backends.cudnn.allow_tf32 else 'fp32'
 
 
 def peak_tflops(device, precision, override):
     if override:
         return override
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
-    return next((p[precision] for key, p in PEAKS.items() if key in name), None)
+    name = torch.cuda.get_device_name(device).lower() if device.type == 'cuda' else ''
+    return next((p[precision] for key, p in PEAKS if key.lower() in name), None)
 
 
-def make_unet(channels, device):
+def make_unet(channels, device, **kwargs):
     """EDM's CIFAR-10 DDPM++ (the SFD teacher's architecture), random weights: speed needs none."""
-    return unet.EDMPrecond(img_resolution=32, img_channels=3, **dict(DDPMPP, model_channels=channels)).to(device)
+    kw = dict(DDPMPP, model_channels=channels, **kwargs)
+    return unet.EDMPrecond(img_resolution=32, img_channels=3, **kw).to(device)
+
+
+def unet_flops(net, x, sigma):
+    """FLOPs per image of D(x; sigma) forward (eval) and forward + backward (train), and the fp32
+    eval output (the reference every variant is compared with)."""
+    net.eval()
+    with torch.no_grad():
+        fwd, ref = flops_of(lambda: net(x, sigma))
+    net.train()
+    fwd_bwd, _ = flops_of(lambda: net(x, sigma).square().mean().backward())
+    net.eval().zero_grad(set_to_none=True)
+    return {'fwd': fwd / len(x), 'fwd_bwd': fwd_bwd / len(x)}, ref
+
+
+def unet_variant(net, x, sigma, variant, device, repeat, peak_override, flops, ref):
+    """One row of (a) for one variant and batch, and the variant's eval output.
+
+    Each variant is a speed-up that keeps the numbers (tests/test_unet.py checks channels_last;
+    bf16 is EDM's mixed precision, its preconditioning stays in float32); the row says how far
+    its output is from the fp32 reference `ref`."""
+    model = net
+    xin = x.to(memory_format=torch.channels_last) if 'channels_last' in variant else x
+    if 'channels_last' in variant:
+        model = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    if 'compile' in variant:
+        model = torch.compile(model, dynamic=False)  # one static graph per batch size
+    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled='bf16' in variant)
+    out = []
+
+    def fwd():
+        with torch.inference_mode(), amp():
+            out[:] = [model(xin, sigma)]
+
+    def fwd_bwd():
+        with amp():
+            model(xin, sigma).float().square().mean().backward()
+    net.eval()
+    t_f, first_f, mem_f = measure(fwd, device, repeat)
+    net.train()
+    t_fb, first_fb, mem_fb = measure(fwd_bwd, device, repeat)
+    net.eval().zero_grad(set_to_none=True)
+    peak = peak_tflops(device, precision_of(variant, device), peak_override)
+    batch = len(x)
+    row = dict(bench='unet', variant=variant, batch=batch, gflop_per_img=flops['fwd'] / 1e9,
+               fwd_img_s=batch / t_f, fwd_bwd_img_s=batch / t_fb)
+    for key, t in (('fwd', t_f), ('fwd_bwd', t_fb)):
+        row[f'{key}_tflops'] = flops[key] * batch / t / 1e12
+        row[f'{key}_peak_fraction'] = row[f'{key}_tflops'] / peak if peak else None
+    row.update(fwd_first_s=first_f, fwd_bwd_first_s=first_fb, fwd_mem_gib=mem_f, fwd_bwd_mem_gib=mem_fb,
+               max_abs_diff=(out[0].float() - ref.float()).abs().max().item())
+    return row, out[0]
 
 
 def bench_unet(net, batches, device, variants, repeat, peak_override):
@@ -73,34 +162,9 @@ def bench_unet(net, batches, device, variants, repeat, peak_override):
     for batch in batches:
         x = torch.randn(batch, 3, 32, 32, device=device)
         sigma = torch.full((batch,), 2.0, device=device)
-        flops = flops_of(lambda: net(x, sigma)) / batch  # per image, one forward (the same for every variant)
-        for variant in variants:
-            # Each variant is a speed-up that keeps the numbers (tests/test_unet.py checks channels_last;
-            # bf16 is EDM's mixed precision, its preconditioning stays in float32).
-            model = net
-            xin = x.to(memory_format=torch.channels_last) if 'channels_last' in variant else x
-            if 'channels_last' in variant:
-                model = copy.deepcopy(net).to(memory_format=torch.channels_last)
-            if 'compile' in variant:
-                model = torch.compile(model)
-            amp = torch.autocast('cuda', torch.bfloat16, enabled='bf16' in variant)
-
-            def fwd():
-                with torch.inference_mode(), amp:
-                    model(xin, sigma)
-
-            def fwd_bwd():
-                with amp:
-                    model(xin, sigma).float().square().mean().backward()
-            t_f = timed(fwd, device, repeat)
-            model.train()
-            t_fb = timed(fwd_bwd, device, repeat)
-            model.eval()
-            peak = peak_tflops(device, 'bf16' if 'bf16' in variant else 'fp32', peak_override)
-            achieved = flops * batch / t_f / 1e12
-            rows.append(dict(bench='unet', variant=variant, batch=batch, gflop_per_img=flops / 1e9,
-                             fwd_img_s=batch / t_f, fwd_bwd_img_s=batch / t_fb, fwd_tflops=achieved,
-                             fwd_peak_fraction=achieved / peak if peak else None))
+        flops, ref = unet_flops(net, x, sigma)  # the same for every variant
+        rows += [unet_variant(net, x, sigma, v, device, repeat, peak_override, flops, ref)[0]
+                 for v in variants]
     return rows
 
 
@@ -109,7 +173,7 @@ def bench_sfd(net, batch, device, repeat):
     split into teacher trajectory and student steps, with the counted network calls."""
     cfg = distill.SFDConfig()
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
-    student = copy.deepcopy(net).train()
+    student = copy.deepcopy(net).train().requires_grad_(True)
     calls = {'teacher': 0, 'student': 0}
 
     def counting(model, key):
@@ -125,7 +189,8 @@ def bench_sfd(net, batch, device, repeat):
     x_N = cfg.t_max * torch.randn(batch, 3, 32, 32, device=device)
     T, S = counting(teacher, 'teacher'), counting(student, 'student')
     targets = distill.teacher_targets(T, x_N, t_teacher, cfg.K, cfg.teacher_solver)
-    t_teach = timed(lambda: distill.teacher_targets(T, x_N, t_teacher, cfg.K, cfg.teacher_solver), device, repeat)
+    t_teach = timed(lambda: distill.teacher_targets(T, x_N, t_teacher, cfg.K, cfg.teacher_solver), device,
+                    repeat)
     t_stud = timed(lambda: distill.sfd_iteration(S, opt, x_N, t_steps, targets, cfg), device, repeat)
     # Calls per iteration: the teacher ran repeat + 1 times (warm-up) plus once for `targets`, the
     # student repeat + 1 times; the counts must match SFD's accounting (tests/test_bench.py).
@@ -141,38 +206,52 @@ def bench_sampling(net, batch, nfe, device, repeat):
     z = torch.randn(batch, 3, 32, 32, device=device)
     for name in solvers.SOLVERS:
         # One-step solvers end with EDM's Euler step to 0; multistep ones stop at t_min (SFD's code).
-        cfg = dict(solver=name, nfe=nfe, afs=False, schedule='polynomial', rho=7.0, t_min=0.002,
-                   t_max=80.0, ends_at_zero=name in ('heun', 'dpm2', 'euler'))
+        recipe = solvers.Recipe(name, nfe, ends_at_zero=name in ('heun', 'dpm2', 'euler'))
         try:
-            solvers.schedule_for(cfg)
+            solvers.schedule_for(recipe)
         except ValueError:
-            cfg['nfe'] = nfe + 1  # two-call solvers need an odd count when ending at zero
+            recipe.nfe = nfe + 1  # two-call solvers need an odd count when ending at zero
         with torch.inference_mode():
-            t = timed(lambda: solvers.sample_with(net, z, cfg), device, repeat)
-        rows.append(dict(bench='sampling', solver=name, nfe=cfg['nfe'], batch=batch, img_s=batch / t))
+            t = timed(lambda r=recipe: solvers.sample_with(net, z, r), device, repeat)
+        rows.append(dict(bench='sampling', solver=name, nfe=recipe.nfe, batch=batch, img_s=batch / t))
     return rows
 
 
-def bench_fid(batch, device, repeat, workers):
-    """(d) FID feature extraction images/s (the Inception network, random weights: same cost)."""
+def bench_fid(batch, device, repeat, workers, images=None):
+    """(d) FID feature extraction images/s (the Inception network, random weights: same cost) of
+    `images` (uint8 [N, 3, H, W]; default one batch of random 32x32 ones) in batches of `batch`."""
     model = fid.InceptionV3().to(device)
-    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-    t = timed(lambda: fid.compute_features(images, model=model, batch_size=batch, num_workers=workers,
-                                           progress=False), device, repeat)
-    flops = flops_of(lambda: model(images[:1].to(device)))
-    return [dict(bench='fid_features', batch=batch, img_s=batch / t, gflop_per_img=flops / 1e9)]
+    if images is None:
+        images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    out = []
+    t = timed(lambda: out.__setitem__(slice(None), fid.compute_features(
+        images, model=model, batch_size=batch, num_workers=workers, progress=False)), device, repeat)
+    flops, _ = flops_of(lambda: model(images[:1].to(device)))
+    nonfinite = sum(int((~torch.isfinite(torch.as_tensor(a))).sum()) for a in out)
+    return [dict(bench='fid_features', batch=batch, img_s=len(images) / t, gflop_per_img=flops / 1e9,
+                 nonfinite=nonfinite)]
 
 
-def table(rows):
-    """One aligned text table per benchmark (the same rows go to --json)."""
+def _cell(v):
+    return '-' if v is None else f'{v:.4g}' if isinstance(v, float) else str(v)
+
+
+def _line(values, widths, text_left):
+    """One table row: cells two spaces apart, numbers on the right, text on the left if asked."""
+    cells = [_cell(v).ljust(w) if text_left and isinstance(v, str) else _cell(v).rjust(w)
+             for v, w in zip(values, widths, strict=True)]
+    return '  '.join(cells).rstrip()
+
+
+def table(rows, text_left=False):
+    """One aligned text table per benchmark (the same rows go to --json); `text_left` aligns
+    text cells on the left (numbers always on the right)."""
     out = []
     for bench in dict.fromkeys(r['bench'] for r in rows):
-        part = [{k: v for k, v in r.items() if k != 'bench'} for r in rows if r['bench'] == bench]
-        cols = list(part[0])
-        cell = lambda v: '-' if v is None else f'{v:.4g}' if isinstance(v, float) else str(v)
-        width = {c: max(len(c), *(len(cell(r[c])) for r in part)) for c in cols}
-        out += [f'\n{bench}', '  '.join(c.rjust(width[c]) for c in cols)]
-        out += ['  '.join(cell(r[c]).rjust(width[c]) for c in cols) for r in part]
+        part = [[v for k, v in r.items() if k != 'bench'] for r in rows if r['bench'] == bench]
+        cols = [k for k in next(r for r in rows if r['bench'] == bench) if k != 'bench']
+        widths = [max(len(c), *(len(_cell(r[i])) for r in part)) for i, c in enumerate(cols)]
+        out += [f'\n{bench}', _line(cols, widths, text_left)] + [_line(r, widths, text_left) for r in part]
     return '\n'.join(out)
 
 
@@ -182,7 +261,8 @@ def main(argv=None):
     p.add_argument('--full', action='store_true', help='CIFAR-10 sizes even on a CPU')
     p.add_argument('--channels', type=int, help='U-Net width (default: 128 full size, 32 reduced)')
     p.add_argument('--batches', type=int, nargs='+', help='U-Net batch sizes (default: by device)')
-    p.add_argument('--small-batch', type=int, help='batch of (b)-(d) (default: 128/256/250 on a GPU, 4/8/8 on a CPU)')
+    p.add_argument('--small-batch', type=int,
+                   help='batch of (b)-(d) (default: 128/256/250 on a GPU, 4/8/8 on a CPU)')
     p.add_argument('--compile', action='store_true', help='also time torch.compile variants')
     p.add_argument('--peak', type=float, help='device peak TFLOP/s for the fraction column')
     p.add_argument('--repeat', type=int, default=3)
@@ -198,8 +278,10 @@ def main(argv=None):
     variants += [v + '+compile' for v in variants] if args.compile else []
     torch.manual_seed(0)
     net = make_unet(channels, device).eval()
-    print(f'device: {torch.cuda.get_device_name(device) if gpu else "CPU"} ({torch.get_num_threads()} threads), '
-          f'DDPM++ with model_channels={channels} ({"CIFAR-10 size" if channels == 128 else "reduced width"}), '
+    width = 'CIFAR-10 size' if channels == 128 else 'reduced width'
+    name = torch.cuda.get_device_name(device) if gpu else 'CPU'
+    print(f'device: {name} ({torch.get_num_threads()} threads), '
+          f'DDPM++ with model_channels={channels} ({width}), '
           f'{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters')
     small = lambda gpu_batch, cpu_batch: args.small_batch or (gpu_batch if gpu else cpu_batch)
     rows = bench_unet(net, batches, device, variants, args.repeat, args.peak)
