@@ -310,7 +310,6 @@ def fid_from_stats(stats, ref, allow_foreign=False) -> float:
     return frechet_distance(stats['mu'], stats['sigma'], ref['mu'], ref['sigma'])
 
 
-
 def save_stats(path, stats):
     """Write mu, sigma, num_images and protocol to an .npz, atomically (temporary name, rename)."""
     path = Path(path)

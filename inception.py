@@ -518,6 +518,8 @@ def _pickle_bytes(path):
 def read_weights(path):
     """Our state dict from pytorch-fid's .pth or NVIDIA's TorchScript .pt; no code from the file runs."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'No such weights file: {path}')
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             torchscript = any(n.endswith('/constants.pkl') or '/code/' in n for n in z.namelist())
@@ -533,7 +535,7 @@ def read_weights(path):
             names = pickle_globals(_pickle_bytes(path))
         except Exception:
             raise ValueError(f'{path} is neither a state dict nor a TorchScript archive of the Inception '
-                             f'network (corrupt or foreign): {type(e).__name__}: {str(e)[:200]}') from None
+                             f'network: corrupt or foreign ({type(e).__name__})') from None
         raise ValueError(
             f'{path} is a Python pickle that needs code to load ({", ".join(names[:8]) or "no globals"}'
             f'{", ..." if len(names) > 8 else ""}). NVIDIA\'s inception-2015-12-05.pkl (EDM\'s detector) is '
@@ -587,6 +589,13 @@ def load_inception(device=None, url=None, protocol='edm') -> InceptionV3:
 
 
 if __name__ == '__main__':
-    state = read_weights(sys.argv[1])
-    print(f'{sys.argv[1]}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values; '
-          f'classifier {"absent" if state["fc.weight"].isnan().any() else "present"}')
+    try:
+        if len(sys.argv) != 2:
+            raise ValueError('usage: python inception.py WEIGHTS_FILE')
+        state = read_weights(sys.argv[1])
+        InceptionV3().load_state_dict(state)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f'inception.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'{sys.argv[1]}: loads into InceptionV3 ({len(state)} tensors in our layout); classifier '
+          f'{"absent: no Inception Score" if state["fc.weight"].isnan().any() else "present"}')

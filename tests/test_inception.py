@@ -522,8 +522,8 @@ def real():
 def real_images():
     """uint8 photographs at several native sizes: CIFAR-10 (when ../shared/data exists) and
     matplotlib's sample photograph (Grace Hopper, 600 x 512) resized and cropped."""
-    from matplotlib import cbook
     from PIL import Image
+    cbook = pytest.importorskip('matplotlib.cbook')  # matplotlib ships the photograph
     with Image.open(cbook.get_sample_data('grace_hopper.jpg')) as img:
         photo = img.convert('RGB')
     u8 = lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]
