@@ -11,10 +11,13 @@ steps of its own. This file implements, line by line with the paper's Appendix C
     vanilla        Alg. 3   local trajectory distillation from data, the baseline
     sampling       Alg. 8   Euler over the student's own schedule (`solvers.sample_with`)
 
-SFD under classifier-free guidance (Sec. 3.4) is the same loop with random class labels
-(guidance scale omega = 1, i.e. the conditional model); sample the student with any omega.
+SFD under classifier-free guidance (Sec. 3.4) is the same loop with random class labels, or for
+Stable Diffusion random captions (guidance scale omega = 1, i.e. the conditional model only);
+sample the student with any omega. A diffusers teacher gets SFD Table 6's SD recipe.
 
     python distill.py                         # SFD, 2 NFE, on NVIDIA's CIFAR-10 EDM (downloads)
+    python distill.py --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --method sfd-v \\
+        --captions MS-COCO_val2014_30k_captions.csv     # SFD-v on SD v1.5, 2-5 steps (a GPU)
     python distill.py --teacher toy:ring      # the same code on a 2-D toy teacher, ~1 min on a CPU
     torchrun --nproc_per_node=4 distill.py    # data-parallel
 """
@@ -33,6 +36,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import latent
 import models
 import solvers
 import toy
@@ -62,6 +66,9 @@ class SFDConfig:
     loss: str = 'l1'                     # l1 | l2 | pseudo_huber | lpips | l1+lpips
     lr: float = 5e-5                     # Adam(0.9, 0.999), divided by 10 half-way
     batch: int = 128                     # total over all processes
+    accumulate: int = 1                  # gradient-accumulation rounds per update (SD: 128 = 16 x 8)
+    captions: str = ''                   # text teachers: the prompts (one per line, COCO .json, .csv)
+    grad_checkpointing: bool = False     # diffusers students: recompute activations in backward
     kimg: float = 200.0                  # thousands of teacher trajectories (200K = 1563 iters; SFD-v 800)
     data: str = 'cifar10'                # vanilla only: where the x_0 come from
     seed: int = 0
@@ -83,6 +90,13 @@ TOY_DEFAULTS = dict(lr=5e-4, batch=256, kimg=100.0, tick_kimg=5.0, snapshot_kimg
 METHOD_DEFAULTS = {'sfd': {}, 'sfd-v': dict(kimg=800.0),
                    'second-stage': dict(nfe=1, K=3, lr=5e-4, kimg=2000.0),
                    'vanilla': dict(teacher_solver='dpm2')}
+# SFD Table 6, Stable Diffusion: DPM-Solver++(2M) (SD's own), K = 3, t_min raised to 0.1, no AFS
+# (SD's trajectories are not straight enough near t_max, Fig. 9c), 100K trajectories (per NFE for
+# SFD-v), lr 5e-5, batch 16 x 8 rounds; App. D.2's linear schedule (uniform in the timestep).
+# t_max = 0 means the model's sigma_max (14.6146 for SD), set once the teacher is loaded.
+LATENT_DEFAULTS = dict(teacher_solver='dpmpp2m', K=3, t_min=0.1, t_max=0.0, afs=False,
+                       schedule=latent.UNIFORM, rho=1.0, kimg=100.0, lr=5e-5, batch=128, accumulate=8,
+                       snapshot_kimg=25.0)
 
 
 def step_value(nfe, afs):
@@ -91,9 +105,26 @@ def step_value(nfe, afs):
     return nfe + int(afs) + 1
 
 
-def student_schedule(cfg, nfe):
+def student_schedule(cfg, nfe, net=None):
     """The student's N = NFE + AFS Euler steps (Alg. 5 uses N = 3 for 2 NFE with AFS)."""
-    return solvers.time_schedule(nfe + int(cfg.afs), cfg.t_min, cfg.t_max, cfg.schedule, cfg.rho)
+    return grid(cfg, nfe + int(cfg.afs), net)
+
+
+def grid(cfg, n, net=None):
+    """cfg's n-step schedule; latent.UNIFORM (uniform in a diffusers model's timestep) needs `net`.
+    Every kind nests: grid(K n)[::K] == grid(n), so the teacher's grid holds the student's."""
+    if cfg.schedule == latent.UNIFORM:
+        return net.uniform_schedule(n, cfg.t_min, cfg.t_max, cfg.rho)
+    return solvers.time_schedule(n, cfg.t_min, cfg.t_max, cfg.schedule, cfg.rho)
+
+
+def rounds_of(x, cond, rounds):
+    """Gradient accumulation: x [B, ...] and its per-sample conditions (tensors of length B, e.g. the
+    prompts' embeddings) cut into `rounds` micro-batches; other conditions go to each unchanged."""
+    B = x.shape[0]
+    parts = torch.arange(B).tensor_split(rounds)
+    pick = lambda v, i: v[i.to(v.device)] if torch.is_tensor(v) and v.ndim and len(v) == B else v
+    return [(x[i.to(x.device)], {k: pick(v, i) for k, v in cond.items()}) for i in parts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +134,8 @@ def student_schedule(cfg, nfe):
 def per_sample_loss(metric, x, target, lpips=None):
     """d(x, target) per sample [B]: sums over each sample's elements, as the official code does
     (then averaged over the batch); pseudo-Huber with c = 0.00054 sqrt(d) as in iCT."""
-    diff = (x.float() - target.float()).flatten(1)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 (autocast) in float32, float64 kept
+    diff = (x.to(dtype) - target.to(dtype)).flatten(1)
     if metric == 'l1':
         return diff.abs().sum(1)
     if metric == 'l2':
@@ -135,11 +167,13 @@ def load_lpips(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def teacher_targets(teacher, x_N, t_teacher, K, solver, afs=False, **cond):
+def teacher_targets(teacher, x_N, t_teacher, K, solver, afs=False, rounds=1, **cond):
     """SFD Alg. 4, line 5 for every n at once: one teacher solve over the student grid refined
-    K times; its states at every K-th timestamp are the targets x~_{N-1}, ..., x~_0."""
+    K times; its states at every K-th timestamp are the targets x~_{N-1}, ..., x~_0 ([N, B, ...]).
+    `rounds` micro-batches are solved one after another (the memory of one; the same states)."""
     with torch.inference_mode(), cli.autocast(x_N.device):
-        traj = solvers.sample(teacher, x_N, t_teacher, solver, afs=afs, trajectory=True, **cond)
+        traj = torch.cat([solvers.sample(teacher, x, t_teacher, solver, afs=afs, trajectory=True, **c)
+                          for x, c in rounds_of(x_N, cond, rounds)], dim=1)
     return traj[K::K].clone()  # clone: out of inference mode, usable as loss targets
 
 
@@ -150,25 +184,39 @@ def sfd_iteration(student, optimizer, x_N, t_steps, targets, cfg, lpips=None, ch
     own *detached* previous output (line 7): the student learns to correct the errors it makes
     itself. Official-code choices the paper leaves open, followed here: the student runs in
     train mode (EDM's dropout active), and the loss is the per-sample sum averaged over the batch.
+    With cfg.accumulate = R rounds (sfd-main's SD recipe) each update sums the gradients of R
+    micro-batches, each loss divided by the whole batch: the update of one batch, in 1/R the memory.
     """
-    x, losses = x_N, []
+    B, R = x_N.shape[0], getattr(cfg, 'accumulate', 1)
+    chunks = rounds_of(x_N, cond, R)
+    xs, conds = [x for x, _ in chunks], [c for _, c in chunks]
+    cut = [len(x) for x in xs]
+    losses = []
     for i in range(len(t_steps) - 1):  # paper's n = N-1, ..., 0; here t_steps[i] = t_{N-i}
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
+        target = targets[i].split(cut)
         if cfg.afs and i == 0:
             # Alg. 5, lines 2-3: x_{N-1} = x_N + (t_{N-1} - t_N) x_N / sqrt(1 + t_N^2), no update.
-            x = x + (t_next - t_cur) * solvers.afs_eps(x, t_cur)
-            losses.append(per_sample_loss('l1', x, targets[i]).mean().item())  # logged only
+            xs = [x + (t_next - t_cur) * solvers.afs_eps(x, t_cur) for x in xs]
+            losses.append(per_sample_loss('l1', torch.cat(xs), targets[i]).mean().item())  # logged only
             continue
         optimizer.zero_grad(set_to_none=True)
-        with cli.autocast(x.device):
-            x_pred = solvers.euler_step(student, x, t_cur, t_next, **cond)  # Alg. 4, line 4 (Eq. 6)
-        loss = per_sample_loss(cfg.loss, x_pred, targets[i], lpips).mean()  # line 6: d(x^psi_n, x~_n)
-        loss.backward()
+        total = 0.0
+        for r in range(R):
+            last = r == R - 1  # DDP: the gradients are all-reduced once, after the last round
+            with (contextlib.nullcontext() if last or not hasattr(student, 'no_sync') else student.no_sync()):
+                with cli.autocast(xs[r].device):
+                    # Alg. 4, line 4 (Eq. 6): one Euler step of the student
+                    x_pred = solvers.euler_step(student, xs[r], t_cur, t_next, **conds[r])
+                # line 6: d(x^psi_n, x~_n), the per-sample sum averaged over all B trajectories
+                loss = per_sample_loss(cfg.loss, x_pred, target[r], lpips).sum() / B
+                loss.backward()
+            xs[r] = x_pred.detach()                                           # line 7: detach
+            total = total + loss.detach()
         if check:
-            check(loss, i)
+            check(total, i)
         optimizer.step()                                                      # line 6: psi update
-        x = x_pred.detach()                                                   # line 7: detach
-        losses.append(loss.item())
+        losses.append(float(total))
     return losses
 
 
@@ -211,7 +259,9 @@ def vanilla_iteration(student, teacher, optimizer, x0, t_steps, t_teacher, cfg, 
 # Settings: defaults per teacher and method, and checks before anything slow starts
 # ---------------------------------------------------------------------------------------------
 
-RESUMABLE = ('kimg', 'tick_kimg', 'snapshot_kimg', 'device', 'compile', 'run_dir')  # may change on resume
+# May change on resume (accumulation and checkpointing change memory, not the updates).
+RESUMABLE = ('kimg', 'tick_kimg', 'snapshot_kimg', 'device', 'compile', 'run_dir', 'accumulate',
+             'grad_checkpointing')
 
 
 def apply_defaults(cfg, explicit=()):
@@ -219,6 +269,8 @@ def apply_defaults(cfg, explicit=()):
     changes = dict(METHOD_DEFAULTS.get(cfg.method, {}))
     if models.toy_world(cfg.teacher):
         changes.update(TOY_DEFAULTS)
+    elif latent.is_spec(cfg.teacher):
+        changes.update(LATENT_DEFAULTS, kimg=100.0 * (len(cfg.nfe_list) if cfg.method == 'sfd-v' else 1))
     elif cfg.method == 'second-stage':  # Sec. 4.2: L1 + LPIPS for images, when piq is installed
         try:
             import piq  # noqa: F401
@@ -239,24 +291,37 @@ def validate(cfg, world=1):
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
     need(cfg.method in METHODS, 'method', f'choose one of {", ".join(METHODS)}')
     need(cfg.loss in LOSSES, 'loss', f'choose one of {", ".join(LOSSES)}')
+    if latent.is_spec(cfg.teacher):
+        need(cfg.method in ('sfd', 'sfd-v'), 'method', 'diffusers teachers take sfd or sfd-v only')
+    else:
+        need(not cfg.grad_checkpointing, 'grad_checkpointing', 'is for diffusers teachers (their UNets)')
+        need(not cfg.captions, 'captions', 'prompts are for text-conditioned diffusers teachers')
     need(cfg.teacher_solver in solvers.SOLVERS, 'teacher_solver', 'choose one of ' + ', '.join(solvers.SOLVERS))
-    need(cfg.schedule in solvers.SCHEDULES, 'schedule', f'choose one of {", ".join(solvers.SCHEDULES)}')
+    kinds = solvers.SCHEDULES + ((latent.UNIFORM,) if latent.is_spec(cfg.teacher) else ())
+    need(cfg.schedule in kinds, 'schedule', f'choose one of {", ".join(kinds)}')
     need(cfg.nfe >= 1, 'nfe', 'the student needs at least one network call')
     need(len(cfg.nfe_list) > 0 and min(cfg.nfe_list) >= 1, 'nfe_list', 'give NFE >= 1, e.g. 2,3,4,5')
     need(cfg.K >= 1, 'K', 'the teacher takes K >= 1 steps per student step')
     need(finite(cfg.lr) and cfg.lr > 0, 'lr', 'the learning rate must be positive')
     need(cfg.batch >= 1, 'batch', 'the batch must hold at least one trajectory')
-    need(cfg.batch % world == 0, 'batch', f'must split evenly over the {world} processes')
+    need(cfg.accumulate >= 1, 'accumulate', 'at least one round per update')
+    need(cfg.batch % (world * cfg.accumulate) == 0, 'batch',
+         f'must split evenly over the {world} processes x {cfg.accumulate} accumulation rounds')
     for flag in ('kimg', 'tick_kimg', 'snapshot_kimg'):
         need(finite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, 'must be positive (in thousands)')
     need(finite(cfg.t_min) and cfg.t_min > 0, 't_min', 'need 0 < t_min < t_max')
-    need(finite(cfg.t_max) and cfg.t_max > cfg.t_min, 't_max', 'need 0 < t_min < t_max < inf')
+    model_t_max = cfg.t_max == 0 and latent.is_spec(cfg.teacher)  # 0: a diffusers model's sigma_max
+    need(finite(cfg.t_max) and (cfg.t_max > cfg.t_min or model_t_max), 't_max',
+         'need 0 < t_min < t_max < inf')
     need(finite(cfg.rho) and cfg.rho > 0, 'rho', 'must be positive')
     need(cfg.seed >= 0, 'seed', 'must be a non-negative integer')
     cli.device(cfg.device)  # e.g. --device cuda without a GPU
     if cfg.method == 'vanilla':
         need(cfg.teacher_solver in ('euler', 'heun', 'dpm2'), 'teacher_solver',
              'vanilla distillation (Alg. 3) needs a single-step solver over K sub-steps: euler, heun or dpm2')
+        need(cfg.accumulate == 1, 'accumulate', 'applies to sfd, sfd-v and the second stage')
+    if cfg.captions:
+        latent.read_captions(cfg.captions)  # a missing or empty file fails now
     return cfg
 
 
@@ -314,9 +379,12 @@ def sampling_recipe(cfg, student):
     own schedule, with AFS and, for SFD-v, the step condition of every trained NFE."""
     nfes = list(cfg.nfe_list) if cfg.method == 'sfd-v' else [cfg.nfe]
     has_step = getattr(student, 'use_step_condition', False)
+    # A diffusers student's grid needs its noise levels: stored for one NFE (sample.py makes the others).
+    single = cfg.schedule == latent.UNIFORM and cfg.method != 'sfd-v'
     return solvers.Recipe('euler', nfes if cfg.method == 'sfd-v' else cfg.nfe, afs=cfg.afs,
                           schedule=cfg.schedule,
                           rho=cfg.rho, t_min=cfg.t_min, t_max=cfg.t_max, ends_at_zero=False,
+                          t_steps=student_schedule(cfg, cfg.nfe, student).tolist() if single else None,
                           step_values={str(n): step_value(n, cfg.afs) for n in nfes} if has_step else None)
 
 
@@ -348,6 +416,7 @@ class Run:
     label_dim: int
     teacher_cond: dict = field(default_factory=dict)  # second stage: the teacher's step condition
     lpips: object = None
+    prompts: list = None        # text teachers: the captions prompts are drawn from
     data: tuple = (None, None)  # vanilla: x_0 and labels
     it: int = 0
     nimg: int = 0
@@ -365,9 +434,15 @@ def setup(cfg, state=None):
     teacher_cond = {}
     if cfg.method == 'second-stage':
         teacher_cond = second_stage_setup(cfg, meta)[1]
+    prompts = None
+    if isinstance(teacher, latent.Denoiser):  # t_max 0: its sigma_max; Sec. 3.4: captions, guidance 1
+        cfg.t_max = teacher.check_levels(cfg.t_min, cfg.t_max)
+        prompts = latent.training_prompts(teacher, cfg.captions)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if cfg.method == 'sfd-v' and not getattr(student, 'use_step_condition', False):
         student.enable_step_condition()  # Alg. 6, "Initialize": zero-initialised, an exact no-op
+    if cfg.grad_checkpointing:
+        student.unet.enable_gradient_checkpointing()  # the same gradients, recomputed block by block
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     torch.manual_seed(cfg.seed * world + rank)  # dropout: a different stream on every rank
     # Every random draw of the loop is made for the global batch from one generator shared by all
@@ -375,7 +450,7 @@ def setup(cfg, state=None):
     # of a 1-process run with the same total batch. Its state and the global one are saved.
     run = Run(cfg, device, rank, world, Path(cfg.run_dir), teacher, student, student, optimizer,
               torch.Generator().manual_seed(cfg.seed), meta['shape'], getattr(teacher, 'label_dim', 0),
-              teacher_cond, load_lpips(device) if 'lpips' in cfg.loss else None)
+              teacher_cond, load_lpips(device) if 'lpips' in cfg.loss else None, prompts=prompts)
     if cfg.method == 'vanilla':
         run.data = vanilla_data(cfg)
     if state is not None:
@@ -409,6 +484,9 @@ def draw_conditions(run, nfe, lo, hi):
     if run.label_dim:
         y = torch.randint(run.label_dim, (run.cfg.batch,), generator=run.gen)[lo:hi]
         cond['class_labels'] = torch.eye(run.label_dim, device=run.device)[y.to(run.device)]
+    if run.prompts:  # Sec. 3.4: random captions, the conditional model only (guidance scale 1)
+        idx = torch.randint(len(run.prompts), (run.cfg.batch,), generator=run.gen)[lo:hi].tolist()
+        cond['encoder_hidden_states'] = run.student.encode_prompts([run.prompts[i] for i in idx])
     use_step = getattr(run.student, 'use_step_condition', False)
     return cond, dict(cond, **({'step': step_value(nfe, run.cfg.afs)} if use_step else {}))
 
@@ -434,9 +512,12 @@ def save_snapshot(run):
     if run.rank != 0:
         return
     cfg = _plain(asdict(run.cfg))
-    models.save_model(run.run_dir / 'student.pt', run.student, sampling=sampling_recipe(run.cfg, run.student),
-                      method=run.cfg.method, teacher=run.cfg.teacher, kimg=run.nimg / 1000,
-                      shape=list(run.shape), config=cfg)
+    meta = dict(sampling=sampling_recipe(run.cfg, run.student).to_dict(), method=run.cfg.method,
+                teacher=run.cfg.teacher, kimg=run.nimg / 1000, shape=list(run.shape), config=cfg)
+    if isinstance(run.student, latent.Denoiser):  # diffusers' own format, sampled from t_max z as trained
+        latent.save_student(run.run_dir / 'student', run.student, prior='edm', **meta)
+    else:
+        models.save_model(run.run_dir / 'student.pt', run.student, **meta)
     st = dict(student=run.student.state_dict(), optimizer=run.optimizer.state_dict(), iteration=run.it,
               nimg=run.nimg, generator=run.gen.get_state(), torch_rng=rngs, config=cfg)
     data.atomic_write(run.run_dir / 'training-state.pt', lambda tmp: torch.save(st, tmp))
@@ -494,9 +575,9 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
             # SFD-v (Alg. 6, line 1): this iteration's NFE; its schedule, K times refined for the teacher.
             nfe = cfg.nfe_list[int(torch.randint(len(cfg.nfe_list), (), generator=run.gen))] \
                 if cfg.method == 'sfd-v' else cfg.nfe
-            t_steps = student_schedule(cfg, nfe)
+            t_steps = student_schedule(cfg, nfe, run.student)
             N = len(t_steps) - 1
-            t_teacher = solvers.time_schedule(cfg.K * N, cfg.t_min, cfg.t_max, cfg.schedule, cfg.rho)
+            t_teacher = grid(cfg, cfg.K * N, run.student)
             cond, student_cond = draw_conditions(run, nfe, *part)
             for group in run.optimizer.param_groups:
                 group['lr'] = lr_at(cfg, run.nimg, total)
@@ -511,8 +592,8 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
                 # (Alg. 7: the second stage's teacher is a first-stage student sampled with Euler).
                 second = cfg.method == 'second-stage'
                 solver = 'euler' if second else cfg.teacher_solver
-                targets = teacher_targets(run.teacher, x_N, t_teacher, cfg.K, solver,
-                                          afs=cfg.afs and second, **cond, **run.teacher_cond)
+                targets = teacher_targets(run.teacher, x_N, t_teacher, cfg.K, solver, afs=cfg.afs and second,
+                                          rounds=cfg.accumulate, **cond, **run.teacher_cond)
                 # Alg. 4, lines 3-7: a student step and an update per interval, from its own detached output.
                 losses = sfd_iteration(run.model, run.optimizer, x_N, t_steps, targets, cfg,
                                        run.lpips, check, **student_cond)
@@ -534,7 +615,7 @@ def distill(cfg: SFDConfig, resume=None, stop_at_iteration=None, progress=True, 
     if run.rank == 0:
         log(f'stopped at iteration {run.it} ({run.nimg / 1000:g} kimg); continue with --resume {run.run_dir}'
             if interrupted else f'done: {run.it} iterations, {run.nimg / 1000:g} kimg; student written to '
-            f'{run.run_dir / "student.pt"}')
+            f'{run.run_dir / ("student" if isinstance(run.student, latent.Denoiser) else "student.pt")}')
     if interrupted:
         raise KeyboardInterrupt
     return run.student, dict(iterations=run.it, kimg=run.nimg / 1000, run_dir=str(run.run_dir),
@@ -546,7 +627,8 @@ def describe(cfg, run):
     teacher = 'euler' if cfg.method == 'second-stage' else cfg.teacher_solver
     nfe = list(cfg.nfe_list) if cfg.method == 'sfd-v' else cfg.nfe
     return (f'{cfg.method}: teacher {cfg.teacher} ({teacher}, K={cfg.K}), student NFE {nfe}'
-            f'{" + AFS" if cfg.afs else ""}, {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch} on {run.world} x '
+            f'{" + AFS" if cfg.afs else ""}, {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch}'
+            f'{f" in {cfg.accumulate} rounds" if cfg.accumulate > 1 else ""} on {run.world} x '
             f'{run.device.type}, {cfg.kimg:g} kimg -> {run.run_dir}')
 
 
@@ -599,7 +681,10 @@ HELP = {'teacher': 'a model spec (python models.py -h); the second stage: a firs
         'kimg': 'thousands of teacher trajectories (paper: SFD 200, SFD-v 800, second stage 2000; toy: 100)',
         'lr': 'Adam lr (paper 5e-5, second stage 5e-4; toy: 5e-4)',
         'batch': 'total over all processes (toy: 256)',
-        'run_dir': "'' = a new numbered folder runs/<00000>-<method>-<teacher>-nfe<N>"}
+        'run_dir': "'' = a new numbered folder runs/<00000>-<method>-<teacher>-nfe<N>",
+        'accumulate': 'rounds per update: batch / (processes x rounds) per forward (SD: 8, i.e. 16 x 8)',
+        't_max': 'diffusers teachers: 0 = the model\'s sigma_max (SD: 14.6146)',
+        'captions': 'text teachers (SD): the prompts, one per line, MS-COCO captions .json or .csv (text)'}
 
 
 def main(argv=None):
@@ -611,7 +696,8 @@ def main(argv=None):
     if not args.resume:
         cfg = validate(apply_defaults(cfg, explicit))  # every bad setting is reported before any loading
     student, summary = distill(cfg, resume=args.resume, progress=not args.quiet, explicit=explicit)
-    meta = models.load_meta(Path(summary['run_dir']) / 'student.pt') if cli.rank() == 0 else {}
+    path = Path(summary['run_dir']) / 'student.pt'  # a diffusers student is the folder student/
+    meta = models.load_meta(path) if cli.rank() == 0 and path.is_file() else {}
     name = models.toy_world(meta.get('teacher', ''))
     if name:  # a toy run: the before/after table
         first = models.load(meta['teacher']) if meta['method'] == 'second-stage' else None

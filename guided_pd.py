@@ -20,6 +20,8 @@ data prediction x_hat(z_t) is our D(x, sigma_EDM). Below, sigma always means sig
     python guided_pd.py stage2 --teacher runs/guided-stage1-cifar10-32x32-cond-vp/student.pt
     python guided_pd.py stage1 --teacher toy:ring     # both stages on a 2-D toy, minutes on a CPU
     python guided_pd.py stage2 --teacher runs/guided-stage1-toy-ring/student.pt
+    python guided_pd.py stage1 --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --data train2014 --captions captions_train2014.json     # SD: w through time_cond_proj_dim (a GPU)
 """
 
 import copy
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import latent
 import models
 import solvers
 import toy
@@ -46,6 +49,7 @@ class GuidedConfig:
     teacher: str = 'cifar10-32x32-cond-vp'   # stage one: a conditional model spec; stage two: a .pt
     uncond: str = 'cifar10-32x32-uncond-vp'  # stage one's unconditional branch; '' = the null label
     data: str = 'cifar10'                 # x ~ D (Alg. 1, 3): 'cifar10' or an image zip/folder
+    captions: str = ''                    # text teachers: MS-COCO captions JSON naming the images in data
     w_min: float = 0.0                    # guidance range [w_min, w_max] (Sec. 4.1: [0, 4])
     w_max: float = 4.0
     sigma_dist: str = 'cosine'            # stage one noise levels: cosine (Meng) | lognormal (EDM)
@@ -71,6 +75,11 @@ class GuidedConfig:
 # A fresh toy MLP adapts faster than a pretrained U-Net, and its runs must fit in minutes on a CPU.
 TOY_DEFAULTS = dict(batch=256, lr=1e-3, iters=3000, ema=0.99, start_n=16, round_iters=1500,
                     final_round_iters=2000, tick=250)
+# Text-to-image teachers (diffusers): Meng Sec. 4.2 / App. C on SD, w in [2, 14] in Imagen's convention,
+# i.e. SD guidance_scale 3 .. 15 (our w = omega - 1 is the same number); a 512-step DDIM teacher for
+# stage two; ~3000 stage-one updates and 2000 per halving; the paper's batch 512 needs many GPUs.
+LATENT_DEFAULTS = dict(w_min=2.0, w_max=14.0, uncond='', batch=16, iters=3000, start_n=512, round_iters=2000,
+                       final_round_iters=10000, tick=50)
 WEIGHTINGS = ('edm', 'snr', 'snr_trunc', 'constant')
 
 
@@ -128,6 +137,9 @@ def load_cfg_teacher(spec, uncond='', device='cpu'):
     if spec.startswith('toy:'):
         spec, uncond = f'toy:{world}:cond', ''
     net, meta = models.load(spec, device)  # eval mode (EDM's dropout off), frozen
+    if isinstance(net, latent.Denoiser) and net.text:  # SD: CFG against the empty prompt (SFD Eq. 9)
+        u = net.encode_prompts([''])
+        return lambda x, s, guidance=0.0, **c: latent.guided(net, guidance, u)(x, s, **c), net, meta
     if not net.label_dim:
         raise ValueError(f'--teacher {spec} is not class-conditional: guidance distillation needs a '
                          'conditional model (e.g. cifar10-cond, toy:ring)')
@@ -147,7 +159,7 @@ def make_student(net):
             m.dropout = 0.0
         if hasattr(m, 'label_dropout'):
             m.label_dropout = 0.0  # the student always sees the real label
-    if isinstance(student.model, (unet.SongUNet, unet.DhariwalUNet)):
+    if isinstance(getattr(student, 'model', None), (unet.SongUNet, unet.DhariwalUNet)):
         student.init_kwargs.update(dropout=0.0, label_dropout=0.0)  # rebuilt files keep it
     return student
 
@@ -194,6 +206,11 @@ def sample_sigma(kind, n, generator, sigma_min=0.002, sigma_max=80.0):
     raise ValueError(f"unknown sigma distribution {kind!r}; choose 'cosine' or 'lognormal'")
 
 
+def _cond(y, device):
+    """The network conditions of a draw: one-hot labels, or a dict (a text model's prompt embeddings)."""
+    return {k: v.to(device) for k, v in y.items()} if isinstance(y, dict) else {'class_labels': y.to(device)}
+
+
 def _bc(v, x):
     """A per-sample [B] tensor shaped to broadcast over x [B, ...]."""
     return v.reshape(-1, *[1] * (x.ndim - 1))
@@ -207,10 +224,10 @@ def stage_one_loss(student, D_w, x0, y, cfg, generator, weighting='edm'):
     eps = torch.randn(x0.shape, generator=generator).to(x0)                                    # eps ~ N(0,I)
     x = x0 + _bc(sigma, x0).to(x0) * eps   # z_t = alpha_t x + sigma_t eps, divided by alpha_t
     with torch.inference_mode(), cli.autocast(dev):
-        target = D_w(x, sigma, class_labels=y, guidance=w)  # x_hat^w = (1 + w) x_hat_c - w x_hat
+        target = D_w(x, sigma, **_cond(y, dev), guidance=w)  # x_hat^w = (1 + w) x_hat_c - w x_hat
     target = target.clone()  # out of inference mode: usable in the graph
     with cli.autocast(dev):
-        D = student(x, sigma, class_labels=y, guidance=w)   # x_hat_eta1(z_t, w)
+        D = student(x, sigma, **_cond(y, dev), guidance=w)   # x_hat_eta1(z_t, w)
     # L = omega(lambda_t) ||x_hat^w - x_hat_eta1||^2
     return weighted_mse(D, target, loss_weight(weighting, sigma, student.sigma_data))
 
@@ -267,8 +284,8 @@ def stage_two_loss(student, teacher, x0, y, N, cfg, generator, weighting='snr_tr
                              .to(x0.device) for k in (0, 1, 2))           # t, t', t''
     x = x0 + _bc(sigma, x0).to(x0) * eps                                  # z_t, divided by alpha_t
     with cli.autocast(x.device):
-        target = two_step_target(teacher, x, sigma, sigma1, sigma2, class_labels=y, guidance=w).clone()
-        D = student(x, sigma, class_labels=y, guidance=w)                 # x_hat_eta2(z_t, w)
+        target = two_step_target(teacher, x, sigma, sigma1, sigma2, **_cond(y, x.device), guidance=w).clone()
+        D = student(x, sigma, **_cond(y, x.device), guidance=w)          # x_hat_eta2(z_t, w)
     # L = omega(lambda_t) ||x~^w - x_hat_eta2||^2
     return weighted_mse(D, target, loss_weight(weighting, sigma, student.sigma_data))
 
@@ -398,8 +415,10 @@ def validate(cfg, stage):
     need(cfg.seed >= 0, 'seed', 'must be a non-negative integer')
     cli.device(cfg.device)
     if stage == 'stage2':
-        need(Path(cfg.teacher).suffix == '.pt' and Path(cfg.teacher).is_file(), 'teacher',
-             'stage two distils a stage-one (or stage-two) student file: runs/<run>/student.pt')
+        ours = Path(cfg.teacher).suffix == '.pt' and Path(cfg.teacher).is_file()
+        need(ours or latent.is_student(cfg.teacher),
+             'teacher', 'stage two distils a stage-one (or stage-two) student file: runs/<run>/student.pt (a '
+             'diffusers student: the folder runs/<run>/student)')
     return cfg
 
 
@@ -427,25 +446,49 @@ def stage_one(cfg, dataset=None, progress=True, log=print):
     cfg.uncond = '' if cfg.teacher.startswith('toy:') else cfg.uncond  # toys: one joint net
     D_w, cond_net, tmeta = load_cfg_teacher(cfg.teacher, cfg.uncond, device)
     data_spec = tmeta.get('data', cfg.data)
-    draw = data_source(data_spec, cond_net.label_dim, dataset)
+    draw = _draw(cfg, cond_net, data_spec, dataset, log)
     student = make_student(cond_net)  # Alg. 1: eta_1 starts from the conditional teacher
     gen = torch.Generator().manual_seed(cfg.seed)  # every draw of the run, reproducible
 
     def loss_fn(net):
-        x0, y = draw(cfg.batch, gen)   # Alg. 1, line 1: x ~ D (and its label c)
-        return stage_one_loss(net, D_w, x0.to(device), y.to(device), cfg, gen, cfg.weighting)
+        x0, y = draw(cfg.batch, gen)   # Alg. 1, line 1: x ~ D (and its label c, or its caption)
+        return stage_one_loss(net, D_w, x0.to(device), y, cfg, gen, cfg.weighting)
     log(f'stage one: {cfg.teacher} (+ {cfg.uncond or "null label"}), w ~ U[{cfg.w_min:g}, {cfg.w_max:g}], '
         f'sigma {cfg.sigma_dist}, {cfg.weighting} weighting, {cfg.iters} x {cfg.batch} -> {run_dir}')
     with cli.RunLock(run_dir), open(run_dir / 'stats.jsonl', 'a') as stats:
         net = train(student, loss_fn, cfg.iters, cfg, cfg.ema, False, 'stage1', stats, progress)
     shape = tmeta.get('shape') or [net.img_channels, net.img_resolution, net.img_resolution]
-    # A stage-one student is a continuous-time D_w: any solver samples it (here EDM's Heun).
+    # A stage-one student is a continuous-time D_w: any solver samples it (EDM's Heun; a diffusers
+    # model its teacher's recipe, DPM-Solver++(2M) on diffusers' grid, now one call per step).
     meta = dict(kind='guided-stage1', teacher=cfg.teacher, uncond=cfg.uncond, data=data_spec, shape=shape,
                 guidance_range=[cfg.w_min, cfg.w_max], stochastic=False, config=asdict(cfg),
-                sampling=solvers.Recipe())  # EDM's Heun sampler
-    models.save_model(run_dir / 'student.pt', net, **meta)
-    log(f'stage one: student written to {run_dir / "student.pt"}')
+                sampling=tmeta['sampling'] if isinstance(net, latent.Denoiser) else
+                solvers.Recipe().to_dict())
+    log(f'stage one: student written to {_save(run_dir, "student", net, "vp", meta)}')
     return net, meta
+
+
+def _draw(cfg, net, spec, dataset, log):
+    """Alg. 1/3's x ~ D: data_source, or for a text model captioned images (MS-COCO layout,
+    latent.caption_data) on its trained levels (the cosine schedule clipped to them)."""
+    if not isinstance(net, latent.Denoiser):
+        return data_source(spec, net.label_dim, dataset)
+    lo, hi = max(cfg.sigma_min, net.sigma_min), min(cfg.sigma_max, net.sigma_max)
+    if (lo, hi) != (cfg.sigma_min, cfg.sigma_max):
+        log(f'sigma range [{cfg.sigma_min:g}, {cfg.sigma_max:g}] clipped to the trained levels '
+            f'[{lo:g}, {hi:g}]')
+    cfg.sigma_min, cfg.sigma_max = lo, hi
+    if not cfg.captions:
+        raise ValueError('--captions: a text-conditioned teacher needs captioned images: '
+                         '--data <image folder> --captions <MS-COCO captions .json>')
+    return latent.caption_data(net, spec, cfg.captions)
+
+
+def _save(run_dir, name, net, prior, meta):
+    """A student file of ours (run_dir/<name>.pt), or a diffusers student folder run_dir/<name>."""
+    if isinstance(net, latent.Denoiser):  # prior 'vp': sampled as its teacher; 'edm': from sigma_max z
+        return latent.save_student(run_dir / name, net, prior=prior, **meta)
+    return models.save_model(run_dir / f'{name}.pt', net, **meta)
 
 
 def teacher_step(meta):
@@ -478,14 +521,15 @@ def stage_two(cfg, dataset=None, progress=True, log=print):
     cfg, device, run_dir = _setup(cfg, 'stage2')
     teacher, tmeta = models.load(cfg.teacher, device)
     if not teacher.use_guidance_condition:
-        raise ValueError(f'--teacher {cfg.teacher} has no guidance input: run stage1 first and pass its student.pt')
+        raise ValueError(f'--teacher {cfg.teacher} has no guidance input: run stage1 first, pass its student')
     step = teacher_step(tmeta)
     if step is not None:  # continuing a chain: the teacher's grid fixes the first step and the range
         log(f'start_n = {step}: the step count of the teacher {cfg.teacher}')
         s = tmeta['sampling']
         cfg.start_n, cfg.sigma_min, cfg.sigma_max = step, s['t_min'], s['t_max']
     cfg.w_min, cfg.w_max = tmeta.get('guidance_range', [cfg.w_min, cfg.w_max])  # the w it learned
-    draw = data_source(tmeta.get('data', cfg.data), teacher.label_dim, dataset)
+    cfg.captions = cfg.captions or tmeta.get('config', {}).get('captions', '')  # the stage-one data
+    draw = _draw(cfg, teacher, tmeta.get('data', cfg.data), dataset, log)
     gen = torch.Generator().manual_seed(cfg.seed)
     paths = []
     with cli.RunLock(run_dir), open(run_dir / 'stats.jsonl', 'a') as stats:
@@ -495,7 +539,7 @@ def stage_two(cfg, dataset=None, progress=True, log=print):
 
             def loss_fn(net, N=N, teacher=teacher):
                 x0, y = draw(cfg.batch, gen)
-                return stage_two_loss(net, teacher, x0.to(device), y.to(device), N, cfg, gen, cfg.weighting)
+                return stage_two_loss(net, teacher, x0.to(device), y, N, cfg, gen, cfg.weighting)
             iters = cfg.final_round_iters if N <= 2 else cfg.round_iters
             kind = 'stochastic' if cfg.stochastic else 'DDIM'
             log(f'stage two ({kind}): {N}-step student, {iters} x {cfg.batch} updates')
@@ -504,8 +548,8 @@ def stage_two(cfg, dataset=None, progress=True, log=print):
                         shape=tmeta.get('shape'), guidance_range=[cfg.w_min, cfg.w_max], N=N,
                         stochastic=cfg.stochastic, config=asdict(cfg),
                         sampling=sampling_recipe(N, cfg.stochastic, cfg.sigma_min, cfg.sigma_max))
-            paths.append(run_dir / f'student-n{N}.pt')
-            models.save_model(paths[-1], student, **meta)
+            meta['sampling'] = meta['sampling'].to_dict()
+            paths.append(_save(run_dir, f'student-n{N}', student, 'edm', meta))
             teacher = student  # Alg. 3: eta <- eta_2, N <- N / 2
     return paths
 
@@ -553,10 +597,10 @@ def main(argv=None):
     cfg, explicit = cli.config_from_args(GuidedConfig, args)
     validate(cfg, args.stage)  # before the teacher's metadata is read
     world = models.toy_world(cfg.teacher)
-    if world:  # toy runs: the toy recipe for every setting not given
-        for k, v in TOY_DEFAULTS.items():
-            if k not in explicit:
-                setattr(cfg, k, v)
+    defaults = TOY_DEFAULTS if world else LATENT_DEFAULTS if latent.is_spec(cfg.teacher) else {}
+    for k, v in defaults.items():  # toy and diffusers runs: their recipe for every setting not given
+        if k not in explicit:
+            setattr(cfg, k, v)
     if args.stage == 'stage1':
         stage_one(cfg, progress=not args.quiet)
     else:
@@ -581,7 +625,10 @@ HELP = {
     'batch': 'batch size (paper 128; toy: 256)',
     'ema': 'EMA decay; -1 = 0.9999 for stage one (paper), none for stage two (paper); toy: 0.99 in both stages',
     'stochastic': 'stage two for the stochastic N-step sampler (Alg. 4)',
-    'data': "x ~ D: 'cifar10' or an image zip/folder (toy teachers use their own data)",
+    'data': "x ~ D: 'cifar10' or an image zip/folder (toy teachers use their own data; text teachers: the "
+            "image folder of --captions)",
+    'captions': 'text teachers: an MS-COCO captions JSON naming the images in --data (stage two: '
+                "stage one's)",
     'w_min': "guidance range [w_min, w_max] of stage one (paper [0, 4]); stage two keeps its teacher's",
     'sigma_min': 'cosine schedule in sigma: tan(a t + b) spans [sigma_min, sigma_max] (EDM range)',
     'end_n': 'steps of the last stage-two student (stochastic: at least 2)',

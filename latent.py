@@ -17,8 +17,17 @@ Parity: with the grid `schedule(n)`, the start x = sqrt(1 + t_max^2) z and the l
 `solvers.sample(..., 'dpmpp2m')` is diffusers' DPMSolverMultistepScheduler loop and 'euler' over
 `schedule(n, 'leading', 'sigma_min')` is its DDIMScheduler loop (tests/test_latent.py).
 
+Students (distill.py, guided_pd.py): SFD-v's step N or Meng's w enters through the UNet's
+`time_cond_proj_dim` projection, zero-initialised (an exact no-op); `save_student` writes the UNet
+with save_pretrained (safetensors, diffusers reads it) next to the sampling recipe and the base
+pipeline it shares the VAE and text encoder with; such a folder is a model spec. Evaluation: the
+CLIP score (open_clip ViT-g-14, optional), an MS-COCO subset as FID reference images and prompts.
+
     python latent.py              # SD v1.5's noise levels and its default DPM-Solver++(2M) grid
     python latent.py stable-diffusion-v1-5/stable-diffusion-v1-5    # load it, print its metadata
+    python latent.py clip-score --images sd.npz --prompts coco5k.txt
+    python latent.py coco-subset --images val2014 --captions captions_val2014.json --outdir coco5k \\
+        --prompts-out coco5k.txt     # 5000 centre-cropped 512 px reference images and their captions
 """
 
 import contextlib
@@ -26,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,13 +49,17 @@ PREDICTIONS = ('epsilon', 'v_prediction', 'sample')
 COMPONENTS = ('unet', 'scheduler', 'vae', 'vqvae', 'text_encoder', 'tokenizer')
 
 
+class MissingExtra(ImportError, ValueError):
+    """An optional package is not installed. Also a ValueError, so a CLI ends with one `error:` line."""
+
+
 def _require():
     """Import the optional extra, or raise one error naming the requirements file."""
     try:
         import diffusers
         import transformers
     except ImportError as e:
-        raise ImportError(f'diffusers models need the optional extra: {EXTRA} ({e})') from None
+        raise MissingExtra(f'diffusers models need the optional extra: {EXTRA} ({e})') from None
     return diffusers, transformers
 
 
@@ -171,9 +185,55 @@ def discrete_schedule(sigmas, timesteps, final='zero'):
     return torch.cat([sigmas[torch.as_tensor(list(timesteps))], last])
 
 
+UNIFORM = 'discrete_uniform'  # the schedule kind of `uniform_schedule` in recipes and distill.py
+
+
+def uniform_schedule(n, t_min, t_max, sigmas, rho=1.0):
+    """n + 1 noise levels from t_max to t_min, uniform in the model's timestep tau (rho = 1).
+
+    SFD's "linear schedule" for latent models (App. D.2; sfd-main's 'discrete' schedule with rho
+    = 1, which the public SD/LDM commands use): tau_i = (tau_max^(1/rho) + u (tau_min^(1/rho) -
+    tau_max^(1/rho)))^rho with u = i / n, sigma_i = sigma(tau_i). A fixed function of u, so the grid
+    refined K times holds it exactly (SFD Alg. 4's teacher grid). float64, the ends exact.
+    """
+    if int(n) != n or n < 1:
+        raise ValueError(f'a schedule needs n >= 1 steps, got {n}')
+    lo, hi = timestep_from_sigma(torch.tensor([t_min, t_max], dtype=torch.float64), sigmas)
+    u = torch.arange(int(n) + 1, dtype=torch.float64) / int(n)
+    tau = (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    t = sigma_from_timestep(tau.clamp(0, len(sigmas) - 1), sigmas)
+    t[0], t[-1] = t_max, t_min
+    return t
+
+
 # ---------------------------------------------------------------------------------------------
 # The denoiser
 # ---------------------------------------------------------------------------------------------
+
+COND_DIM = 256  # sinusoid channels fed to cond_proj (diffusers' LCM script's default)
+
+
+def condition_embedding(kind, value, B, dim, device='cpu'):
+    """The float32 sinusoids [B, dim] of a scalar condition (a number or [B]):
+        step      the UNet's own timestep features of N: [cos, sin](N f_k), f_k = 10000^(-k / (dim/2))
+                  (diffusers' get_timestep_embedding with flip_sin_to_cos; sfd-main's nfe embedding)
+        guidance  StableDiffusionPipeline's embedding of w = guidance_scale - 1 (Meng's w): [sin, cos]
+                  (1000 w f_k), f_k = 10000^(-k / (dim/2 - 1)), so diffusers' own pipeline samples a
+                  w-conditioned student with one UNet call per step."""
+    v = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1).expand(B)
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=device)
+    if kind == 'step':
+        a = v[:, None] * torch.exp(-math.log(10000) * k / half)[None]
+        e = torch.cat([a.cos(), a.sin()], dim=1)
+    elif kind == 'guidance':
+        f = torch.exp(k * -(torch.log(torch.tensor(10000.0)) / (half - 1)).to(device))
+        a = (v * 1000.0)[:, None] * f[None]
+        e = torch.cat([a.sin(), a.cos()], dim=1)
+    else:
+        raise ValueError(f"unknown condition {kind!r}: 'step' or 'guidance'")
+    return torch.nn.functional.pad(e, (0, dim % 2))
+
 
 class _Parts:
     """The frozen parts around the UNet (VAE, text encoder, tokenizer). Kept out of the module tree,
@@ -208,12 +268,14 @@ class Denoiser(torch.nn.Module):
         epsilon        D = x - sigma eps                        (c_skip = 1, c_out = -sigma)
         v_prediction   D = x / (1 + sigma^2) - sigma c_in v     (x0 = alpha z - sigma_vp v)
         sample         D = the output
+    A student (`enable_step_condition`, `enable_guidance_condition`) also takes SFD-v's step= or
+    Meng's guidance= through the UNet's `time_cond_proj_dim` projection.
     """
     label_dim = 0
-    use_step_condition = use_guidance_condition = False
+    sigma_data = 1.0  # EDM's sigma_data of this form (v-prediction = EDM with 1); latents have unit scale
 
     def __init__(self, unet, alphas_cumprod, prediction_type='epsilon', steps_offset=0, vae=None,
-                 text_encoder=None, tokenizer=None, use_fp16=False):
+                 text_encoder=None, tokenizer=None, use_fp16=False, scheduler=None):
         super().__init__()
         config = unet.config
         if prediction_type not in PREDICTIONS:
@@ -240,13 +302,19 @@ class Denoiser(torch.nn.Module):
                 m.eval().requires_grad_(False)
         if self.text and (text_encoder is None) != (tokenizer is None):
             raise ValueError('give both text_encoder and tokenizer, or neither')
-        self._parts = _Parts(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self._parts = _Parts(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self._knots = {}  # device -> sigmas there (searched on every call)
+        # A UNet with a cond_proj is read as StableDiffusionPipeline reads it: an input for Meng's w.
+        self.condition = 'guidance' if config.get('time_cond_proj_dim') else None
+        self.prior = 'vp'  # from sqrt(1 + t_max^2) z, decode the VP latent (diffusers); 'edm': t_max z, x
+        self.base = None   # the pipeline spec the VAE, text encoder and tokenizer come from (`load`)
 
     vae = property(lambda self: self._parts.vae)
     text_encoder = property(lambda self: self._parts.text_encoder)
     tokenizer = property(lambda self: self._parts.tokenizer)
     T = property(lambda self: len(self.sigmas))
+    use_step_condition = property(lambda self: self.condition == 'step')
+    use_guidance_condition = property(lambda self: self.condition == 'guidance')
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device), .double(), ... move the frozen parts along with the UNet.
@@ -278,6 +346,50 @@ class Denoiser(torch.nn.Module):
         return dict(solver='dpmpp2m', nfe=int(nfe), afs=False, schedule='discrete', rho=1.0,
                     t_min=self.sigma_min, t_max=self.sigma_max, ends_at_zero=True, t_steps=t.tolist())
 
+    def uniform_schedule(self, n, t_min, t_max, rho=1.0):
+        """`uniform_schedule` on this model's levels: SFD's schedule for latent students."""
+        return uniform_schedule(n, t_min, t_max, self.sigmas, rho)
+
+    def check_levels(self, t_min, t_max):
+        """t_max (0: sigma_max) of a training grid [t_min, t_max], checked against the trained levels."""
+        t_max = t_max or self.sigma_max
+        if not self.sigma_min <= t_min < t_max <= self.sigma_max * (1 + 1e-12):
+            raise ValueError(f'--t-min {t_min:g} / --t-max {t_max:g}: this model knows the noise levels '
+                             f'[{self.sigma_min:g}, {self.sigma_max:g}] only (--t-max 0: its sigma_max)')
+        return t_max
+
+    # --- students: one extra scalar condition (SFD-v's step N, or Meng's w) -----------------
+
+    def enable_step_condition(self, dim=COND_DIM):
+        """SFD-v (Alg. 6): the student is told its step count N, an exact no-op at initialisation."""
+        return self._enable('step', dim)
+
+    def enable_guidance_condition(self, dim=COND_DIM):
+        """Meng Sec. 3.1: the stage-one student takes w, an exact no-op at initialisation."""
+        return self._enable('guidance', dim)
+
+    def _enable(self, kind, dim):
+        """Give the UNet diffusers' `time_cond_proj_dim` projection, zeroed: cond_proj (dim -> the
+        320 sinusoid channels for SD) adds its output to the sinusoidal timestep features before the
+        time MLP, so every block sees the condition the way it sees the time step (SFD App. D.1; as
+        diffusers' LCM script embeds w, which leaves it randomly initialised). A zero weight adds an
+        exact 0: the student starts as the teacher bit for bit, and the weight still gets a gradient."""
+        if self.condition == kind:
+            return self
+        if self.condition is not None:
+            raise ValueError(f'this model already takes {self.condition}= through its one time_cond_proj_dim '
+                             f'projection: it cannot take {kind}= as well')
+        emb = getattr(self.unet, 'time_embedding', None)
+        if not hasattr(emb, 'cond_proj') or not self.text:
+            raise ValueError(f'{kind}= needs a UNet2DConditionModel (its time_cond_proj_dim); '
+                             f'{type(self.unet).__name__} has none')
+        p = emb.linear_1.weight
+        emb.cond_proj = torch.nn.Linear(dim, emb.linear_1.in_features, bias=False).to(p)
+        torch.nn.init.zeros_(emb.cond_proj.weight)
+        self.unet.register_to_config(time_cond_proj_dim=dim)  # so save_pretrained / from_pretrained keep it
+        self.condition = kind
+        return self
+
     def forward(self, x, sigma, encoder_hidden_states=None, class_labels=None, step=None, guidance=None,
                 force_fp32=False):
         """D(x; sigma). x [B, C, H, W]; sigma a float or [B] in [sigma_min, sigma_max];
@@ -285,7 +397,7 @@ class Denoiser(torch.nn.Module):
         for the unconditional branch). Float64 arithmetic for float64 x, else float32; the UNet in
         its own dtype (bf16 autocast on CUDA with use_fp16)."""
         for name, value in ('class_labels', class_labels), ('step', step), ('guidance', guidance):
-            if value is not None:
+            if value is not None and name != self.condition:
                 raise ValueError(f'{name}= is not a condition of this diffusers model')
         if self.text and encoder_hidden_states is None:
             raise ValueError('this UNet is text-conditioned: pass encoder_hidden_states= (net.encode_prompts'
@@ -308,6 +420,10 @@ class Denoiser(torch.nn.Module):
         if self.text:
             h = _batch(encoder_hidden_states, B, 'encoder_hidden_states')
             kwargs['encoder_hidden_states'] = h.to(mdtype)
+        value = step if self.condition == 'step' else guidance
+        if value is not None:  # SFD-v's N or Meng's w: sinusoids into the zero-initialised cond_proj
+            dim = self.unet.config['time_cond_proj_dim']
+            kwargs['timestep_cond'] = condition_embedding(self.condition, value, B, dim, x.device).to(mdtype)
         amp = contextlib.nullcontext()
         if x.device.type == 'cuda' and self.use_fp16 and not force_fp32:
             amp = torch.autocast('cuda', torch.bfloat16)
@@ -396,7 +512,7 @@ def wrap(unet, scheduler, prediction_type=None, vae=None, text_encoder=None, tok
     config = getattr(scheduler, 'config', {})
     prediction_type = prediction_type or config.get('prediction_type', 'epsilon')
     return Denoiser(unet, scheduler.alphas_cumprod, prediction_type, config.get('steps_offset', 0), vae,
-                    text_encoder, tokenizer, use_fp16)
+                    text_encoder, tokenizer, use_fp16, scheduler)
 
 
 def guided(denoiser, w, uncond):
@@ -469,23 +585,22 @@ _HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
 
 
 def is_spec(spec):
-    """Does `spec` name a diffusers pipeline: a folder with model_index.json, or a hub id owner/name
-    that is no local path and no model file (.pt, .pth, .pkl)?"""
+    """Does `spec` name a diffusers model: a folder with model_index.json (a pipeline) or diffdistill.json
+    (a student, `save_student`), or a hub id owner/name that is no local path and no model file?"""
     spec, path = str(spec), Path(str(spec)).expanduser()
     if path.exists():
-        return (path / 'model_index.json').is_file()
+        return (path / 'model_index.json').is_file() or is_student(path)
     return bool(_HUB_ID.fullmatch(spec)) and path.suffix not in ('.pt', '.pth', '.pkl')
 
 
-def load(spec, device='cpu', dtype=None, use_fp16=True):
-    """(Denoiser, meta) for a diffusers pipeline: a hub id ('stable-diffusion-v1-5/stable-diffusion-v1-5',
-    'google/ddpm-cifar10-32') or a folder with model_index.json.
+def is_student(spec):
+    """Is `spec` a folder written by `save_student`?"""
+    return (Path(str(spec)).expanduser() / STUDENT_FILE).is_file()
 
-    Only diffusers/transformers classes named by model_index.json are built (no code from the
-    model's files runs); the UNet, scheduler, VAE, text encoder and tokenizer are read one by one,
-    so a safety checker is never downloaded. dtype: the weights' dtype (default float32);
-    use_fp16: bf16 autocast for the UNet on CUDA. meta is a plain dict (see the README section).
-    """
+
+def _read_pipeline(spec, dtype=None, names=COMPONENTS):
+    """(components by name, model_index.json) of a hub id or pipeline folder, each component read with
+    its own from_pretrained (cache first, then one download); only the named ones."""
     diffusers, transformers = _require()
     spec = str(spec)
     folder = Path(spec).expanduser()
@@ -499,7 +614,7 @@ def load(spec, device='cpu', dtype=None, use_fp16=True):
     index = _fetch(lambda lfo: diffusers.DiffusionPipeline.load_config(where, local_files_only=lfo),
                    spec, hub)
     parts = {}
-    for name in COMPONENTS:
+    for name in names:
         entry = index.get(name)
         if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
             continue
@@ -515,13 +630,111 @@ def load(spec, device='cpu', dtype=None, use_fp16=True):
                 kwargs['low_cpu_mem_usage'] = diffusers.utils.is_accelerate_available()
         get = lambda lfo, cls=cls, kwargs=kwargs: cls.from_pretrained(where, local_files_only=lfo, **kwargs)
         parts[name] = _fetch(get, spec, hub)
-    if 'unet' not in parts or 'scheduler' not in parts:
-        raise ValueError(f'{spec}: only UNet pipelines are supported (this one has {sorted(parts)})')
-    net = wrap(parts['unet'], parts['scheduler'], vae=parts.get('vae', parts.get('vqvae')),
+    return parts, index
+
+
+def _assemble(unet, scheduler, parts, spec, use_fp16, prediction_type=None):
+    """wrap() with the pipeline's frozen parts, checked: a text UNet needs its text encoder."""
+    net = wrap(unet, scheduler, prediction_type, vae=parts.get('vae', parts.get('vqvae')),
                text_encoder=parts.get('text_encoder'), tokenizer=parts.get('tokenizer'), use_fp16=use_fp16)
     if net.text and net.text_encoder is None:
         raise ValueError(f'{spec}: a text-conditioned UNet without text_encoder and tokenizer')
-    return net.to(device), describe(net, source=spec, pipeline=index.get('_class_name'))
+    return net
+
+
+def load(spec, device='cpu', dtype=None, use_fp16=True):
+    """(Denoiser, meta) for a diffusers pipeline: a hub id ('stable-diffusion-v1-5/stable-diffusion-v1-5',
+    'google/ddpm-cifar10-32') or a folder with model_index.json; a student folder goes to `load_student`.
+
+    Only diffusers/transformers classes named by model_index.json are built (no code from the
+    model's files runs); the UNet, scheduler, VAE, text encoder and tokenizer are read one by one,
+    so a safety checker is never downloaded. dtype: the weights' dtype (default float32);
+    use_fp16: bf16 autocast for the UNet on CUDA. meta is a plain dict (see the README section).
+    """
+    if is_student(spec):
+        return load_student(spec, device, dtype, use_fp16)
+    parts, index = _read_pipeline(spec, dtype)
+    if 'unet' not in parts or 'scheduler' not in parts:
+        raise ValueError(f'{spec}: only UNet pipelines are supported (this one has {sorted(parts)})')
+    net = _assemble(parts['unet'], parts['scheduler'], parts, spec, use_fp16)
+    folder = Path(str(spec)).expanduser()
+    net.base = str(folder.resolve()) if folder.exists() else str(spec)  # what a student points back to
+    return net.to(device), describe(net, source=str(spec), pipeline=index.get('_class_name'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distilled students: saved the way diffusers saves a UNet, read back as a model spec
+# ---------------------------------------------------------------------------------------------
+
+STUDENT_FILE = 'diffdistill.json'
+STUDENT_FORMAT = 'diffdistill-diffusers-student-v1'
+
+
+def save_student(folder, net, prior=None, **meta):
+    """Write a distilled diffusers model so that diffusers itself reads it (atomically: built under a
+    temporary name, then swapped in):
+
+        folder/unet/              net.unet.save_pretrained: config.json (time_cond_proj_dim included)
+                                  and diffusion_pytorch_model.safetensors, i.e.
+                                  UNet2DConditionModel.from_pretrained(folder, subfolder='unet')
+        folder/scheduler/         the scheduler's config (the noise levels)
+        folder/diffdistill.json   base (the pipeline whose VAE, text encoder and tokenizer it uses),
+                                  condition, prior ('edm': sampled from t_max z; default net.prior),
+                                  prediction type, and `meta`: plain data, the sampling recipe and lineage
+    """
+    if net._parts.scheduler is None or net.base is None:
+        raise ValueError('save_student needs a Denoiser made by latent.load (its scheduler and base known)')
+    info = dict(format=STUDENT_FORMAT, base=net.base, condition=net.condition, prior=prior or net.prior,
+                prediction_type=net.prediction_type, meta=meta)
+    text = json.dumps(info, indent=1)  # TypeError now for anything that is not plain data
+    folder = Path(folder)
+    tmp, old = (folder.with_name(f'.{folder.name}.{what}{os.getpid()}') for what in ('tmp', 'old'))
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.unet.save_pretrained(tmp / 'unet')
+    net._parts.scheduler.save_pretrained(tmp / 'scheduler')
+    (tmp / STUDENT_FILE).write_text(text)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_student(folder, device='cpu', dtype=None, use_fp16=True):
+    """(Denoiser, meta) of a `save_student` folder: its UNet and scheduler, and the VAE, text encoder and
+    tokenizer of its base pipeline (read from the Hugging Face cache or that folder; its UNet is not
+    read). meta = `describe` updated with the stored meta (recipe, method, lineage) and `base`."""
+    diffusers, _ = _require()
+    folder = Path(str(folder)).expanduser()
+    try:
+        info = json.loads((folder / STUDENT_FILE).read_text())
+        if info.get('format') != STUDENT_FORMAT:
+            raise ValueError(f'format {info.get("format")!r}, expected {STUDENT_FORMAT!r}')
+        classes = {name: json.loads((folder / name / file).read_text())['_class_name']
+                   for name, file in (('unet', 'config.json'), ('scheduler', 'scheduler_config.json'))}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f'{folder}: not a readable student folder ({type(e).__name__}: {e})') from None
+    cls = {name: getattr(diffusers, c, None) for name, c in classes.items()}
+    if None in cls.values():
+        raise ValueError(f'{folder}: unknown diffusers classes {classes}')
+    unet = cls['unet'].from_pretrained(folder, subfolder='unet', local_files_only=True,
+                                       dtype=dtype or torch.float32,
+                                       low_cpu_mem_usage=diffusers.utils.is_accelerate_available())
+    scheduler = cls['scheduler'].from_pretrained(folder, subfolder='scheduler', local_files_only=True)
+    parts, index = _read_pipeline(info['base'], dtype, ('vae', 'vqvae', 'text_encoder', 'tokenizer'))
+    net = _assemble(unet, scheduler, parts, folder, use_fp16, info['prediction_type'])
+    net.condition, net.prior, net.base = info['condition'], info['prior'], info['base']
+    meta = describe(net, source=str(folder), pipeline=index.get('_class_name'))
+    return net.to(device), {**meta, **info['meta'], 'base': info['base']}
+
+
+def _image_shape(net):
+    """[C, H, W] of the decoded images (the VAE's 2^(levels - 1) up-sampling), or x's shape without a VAE."""
+    if net.vae is None:
+        return list(net.shape)
+    cfg = net.vae.config
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    return [cfg.out_channels, net.shape[1] * f, net.shape[2] * f]
 
 
 def describe(net, source=None, pipeline=None):
@@ -529,19 +742,16 @@ def describe(net, source=None, pipeline=None):
 
     kind 'diffusers'; source, pipeline; shape [C, H, W] of x; latent (has a VAE) and image_shape
     [3, H', W'] of the decoded images; text (takes prompts); prediction_type; sigma_min/sigma_max;
-    timesteps T; init_scale 'vp' (start from x = sqrt(1 + t_max^2) z, diffusers' prior);
+    timesteps T; init_scale 'vp' (start from x = sqrt(1 + t_max^2) z, diffusers' prior) or 'edm'
+    (t_max z, a student trained so; its final state is decoded as it is);
     guidance: the default Meng w for text models (6.5 = SD's guidance_scale 7.5), else None;
     sampling: the default recipe (`Denoiser.recipe`), the keys of solvers.Recipe.
     """
-    image_shape = net.shape
-    if net.vae is not None:
-        cfg = net.vae.config
-        f = 2 ** (len(cfg.block_out_channels) - 1)
-        image_shape = [cfg.out_channels, net.shape[1] * f, net.shape[2] * f]
+    image_shape = _image_shape(net)
     return dict(kind='diffusers', source=source, pipeline=pipeline, shape=list(net.shape),
                 latent=net.vae is not None, image_shape=list(image_shape), text=net.text,
                 prediction_type=net.prediction_type,
-                sigma_min=net.sigma_min, sigma_max=net.sigma_max, timesteps=net.T, init_scale='vp',
+                sigma_min=net.sigma_min, sigma_max=net.sigma_max, timesteps=net.T, init_scale=net.prior,
                 guidance=6.5 if net.text else None, sampling=net.recipe())
 
 
@@ -551,11 +761,137 @@ def init_scale(t_max):
     return math.sqrt(1 + float(t_max) ** 2)
 
 
-if __name__ == '__main__':
-    if len(sys.argv) > 1:  # load a model (cache first) and print its metadata
-        for key, value in load(sys.argv[1])[1].items():
-            print(f'{key:>16}: {json.dumps(value)}')
-    else:  # SD v1.5's schedule: no download needed
+# ---------------------------------------------------------------------------------------------
+# Prompts, captioned images, CLIP score (text-to-image training and evaluation)
+# ---------------------------------------------------------------------------------------------
+
+def read_captions(path, flag='--captions'):
+    """The prompts of a file: one per line, MS-COCO's captions JSON (.json, 'annotations'[*]['caption'])
+    or a .csv with a 'text' column (SFD's MS-COCO_val2014_30k_captions.csv); blank ones dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f'{flag} {path}: no such file')
+    try:
+        if path.suffix == '.json':
+            out = [a['caption'] for a in json.loads(path.read_text()).get('annotations', [])]
+        elif path.suffix == '.csv':
+            import csv
+            with open(path, newline='') as f:
+                out = [row.get('text') or '' for row in csv.DictReader(f)]
+        else:
+            out = path.read_text().splitlines()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'{flag} {path}: unreadable ({type(e).__name__}: {e})') from None
+    out = [str(p).strip() for p in out if str(p).strip()]
+    if not out:
+        raise ValueError(f"{flag} {path}: no prompts found (one per line, COCO captions .json, or .csv "
+                         "with a 'text' column)")
+    return out
+
+
+def training_prompts(net, captions, flag='--captions'):
+    """The prompts a text model is distilled with (read_captions), None for other models; one error
+    when a text model has no captions file or another model gets one."""
+    if net.text and not captions:
+        raise ValueError(f'{flag}: this model is text-conditioned: give a captions file (one prompt per '
+                         'line, MS-COCO captions .json or .csv)')
+    if captions and not net.text:
+        raise ValueError(f'{flag} {captions}: this model takes no prompts')
+    return read_captions(captions, flag) if net.text else None
+
+
+def coco_pairs(captions, images, first_only=False):
+    """(image path, caption) pairs of an MS-COCO captions JSON ('images' [{id, file_name}] under the
+    folder `images`, 'annotations' [{image_id, caption}]), in image-id order: every caption, or
+    the first caption of each image (`first_only`)."""
+    try:
+        d = json.loads(Path(captions).read_text())
+        files = {im['id']: Path(images) / im['file_name'] for im in d['images']}
+        pairs = [(files[a['image_id']], a['caption'].strip()) for a in
+                 sorted(d['annotations'], key=lambda a: (a['image_id'], a.get('id', 0)))]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'--captions {captions}: not an MS-COCO captions JSON with images and annotations '
+                         f'({type(e).__name__}: {e})') from None
+    if first_only:
+        pairs = list({str(f): (f, c) for f, c in reversed(pairs)}.values())[::-1]
+    if not pairs or not pairs[0][0].is_file():
+        raise ValueError(f'--data {images}: {pairs[0][0] if pairs else "no image"} not found (the folder of '
+                         f'the images that {captions} names)')
+    return pairs
+
+
+def load_image(path, size):
+    """An image as float [3, size, size] in [-1, 1]: the shorter side resized to `size` (bicubic),
+    then the centre crop (as diffusers' training scripts and text-to-image FID set-ups do)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert('RGB')
+        s = size / min(im.size)
+        im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def caption_data(net, images, captions):
+    """draw(n, generator) -> (x0 [n, *net.shape], {'encoder_hidden_states': [n, L, D]}): Meng Alg. 1's
+    x ~ D for a text model, n random (image, caption) pairs of MS-COCO-style data (`coco_pairs`),
+    the images through the VAE (a posterior draw) and the captions through CLIP, on net's device."""
+    if net.vae is None or not net.text:
+        raise ValueError('captioned training data are for text-to-image latent models (VAE, text encoder)')
+    pairs, size = coco_pairs(captions, images), _image_shape(net)[1]
+
+    def draw(n, g):
+        idx = torch.randint(len(pairs), (n,), generator=g).tolist()
+        dev = next(net.parameters()).device
+        x = torch.stack([load_image(pairs[i][0], size) for i in idx]).to(dev)
+        seed = int(torch.randint(2 ** 62, (), generator=g))
+        with torch.no_grad():
+            x0 = net.encode(x, generator=torch.Generator(dev).manual_seed(seed))
+        return x0, {'encoder_hidden_states': net.encode_prompts([pairs[i][1] for i in idx])}
+    return draw
+
+
+CLIP = ('ViT-g-14', 'laion2b_s34b_b88k')  # open_clip model and weights of SFD's clip_score.py (Sec. 4.1)
+
+
+def load_clip(device='cpu', name=CLIP[0], pretrained=CLIP[1]):
+    """(model, preprocess, tokenizer) from open_clip, an optional package (downloads its weights once)."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise MissingExtra(f'the CLIP score needs open_clip: pip install open_clip_torch (it needs '
+                           f'torchvision) ({e})') from None
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def clip_score(images, prompts, clip=None, batch=64, device='cpu'):
+    """The CLIP score: cos(f_image(x_i), f_text(c_i)), image i with prompt i, averaged over i. SFD
+    Table 5 prints this mean (0.29 ...); sfd-main's clip_score.py prints 100 times it. images: uint8
+    [N, 3, H, W]; clip: (model, preprocess, tokenizer), default `load_clip(device)` (ViT-g-14)."""
+    from PIL import Image
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(prompts) or not len(prompts):
+        raise ValueError(f'need uint8 images [N, 3, H, W] and N prompts, got {images.dtype} '
+                         f'{list(images.shape)} and {len(prompts)} prompts')
+    model, preprocess, tokenizer = clip or load_clip(device)
+    total = 0.0
+    for i in range(0, len(images), batch):
+        pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images[i:i + batch]]
+        f_img = model.encode_image(torch.stack([preprocess(im) for im in pil]).to(device)).double()
+        f_txt = model.encode_text(tokenizer(list(prompts[i:i + batch])).to(device)).double()
+        cos = (f_img / f_img.norm(dim=-1, keepdim=True) * (f_txt / f_txt.norm(dim=-1, keepdim=True))).sum(-1)
+        total += float(cos.sum())
+    return total / len(images)
+
+
+def main(argv=None):
+    """`python latent.py` (SD's schedule), `python latent.py SPEC` (load, print its metadata),
+    `python latent.py clip-score ...`, `python latent.py coco-subset ...` (see the module doc)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # SD v1.5's schedule: no download needed
         sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod())
         print('SD v1.5 (scaled_linear 0.00085 -> 0.012, T = 1000) in EDM sigma:')
         print('  ' + '  '.join(f'sigma_{j} = {float(sig[j]):.6g}' for j in (0, 1, 99, 499, 999)))
@@ -563,3 +899,47 @@ if __name__ == '__main__':
             t = discrete_schedule(sig, discrete_timesteps(n))
             print(f'  DPM-Solver++(2M) {n} steps: timesteps {discrete_timesteps(n)}\n    t_steps '
                   + ', '.join(f'{float(v):.4g}' for v in t))
+        return
+    if argv[0] not in ('clip-score', 'coco-subset'):
+        for key, value in load(argv[0])[1].items():
+            print(f'{key:>16}: {json.dumps(value)}')
+        return
+    import cli
+    p = cli.parser(__doc__, prog=f'latent.py {argv[0]}')
+    if argv[0] == 'clip-score':
+        p.add_argument('--images', required=True, help="uint8 NHWC images under 'images' (sample.py --npz)")
+        p.add_argument('--prompts', required=True, help='the prompts given to sample.py (image i: prompt i)')
+        p.add_argument('--batch', type=int, default=64)
+        p.add_argument('--device', default='auto')
+        args = p.parse_args(argv[1:])
+        if not Path(args.images).is_file():
+            raise ValueError(f'--images {args.images}: no such file (write it with sample.py --npz)')
+        with np.load(args.images) as f:
+            images = torch.from_numpy(f['images']).permute(0, 3, 1, 2)
+        prompts = read_captions(args.prompts, '--prompts')
+        score = clip_score(images, [prompts[i % len(prompts)] for i in range(len(images))], batch=args.batch,
+                           device=cli.device(args.device))
+        print(f'CLIP score ({CLIP[0]}, {CLIP[1]}), {len(images)} images: {score:.4f} '
+              f'(x100: {100 * score:.2f})')
+        return
+    p.add_argument('--images', required=True, help='the MS-COCO image folder, e.g. val2014/')
+    p.add_argument('--captions', required=True, help='its captions JSON, e.g. captions_val2014.json')
+    p.add_argument('--num', type=int, default=5000)
+    p.add_argument('--size', type=int, default=512)
+    p.add_argument('--outdir', required=True, help='the reference images for fid.py ref --data')
+    p.add_argument('--prompts-out', required=True, help='their first captions, one per line, for sample.py')
+    args = p.parse_args(argv[1:])
+    from PIL import Image
+    pairs = coco_pairs(args.captions, args.images, first_only=True)[:args.num]
+    for i, (path, _) in enumerate(pairs):  # the first `num` images by id, centre-cropped and resized
+        out = Path(args.outdir) / f'{i:06d}.png'
+        out.parent.mkdir(parents=True, exist_ok=True)
+        x = ((load_image(path, args.size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(out)
+    Path(args.prompts_out).write_text(''.join(' '.join(c.split()) + '\n' for _, c in pairs))
+    print(f'wrote {len(pairs)} images to {args.outdir} and their captions to {args.prompts_out}')
+
+
+if __name__ == '__main__':
+    import cli
+    cli.run(main)

@@ -2,8 +2,9 @@
 
 A *spec* names a model wherever one is expected (`--teacher`, `--model`, `--uncond`, notebooks):
 
-    toy:<name>[:cond]         a 2-D toy teacher (toy.py), trained once and cached; :cond is the
-                              class-conditional one with label dropout (its own CFG pair)
+    toy:<name>[:cond]         a teacher of toy.py's worlds (2-D points; cifar10-16, cifar10-32 images),
+                              trained once and cached; :cond is the class-conditional one with label
+                              dropout (its own CFG pair)
     cifar10, cifar10-cond ... an alias or preset of NVIDIA's EDM networks (EDM_ALIASES, EDM_PRESETS;
                               edm-<preset> works too), downloaded once (data.download)
     path/to/net.pkl, https://...pkl
@@ -12,6 +13,8 @@ A *spec* names a model wherever one is expected (`--teacher`, `--model`, `--unco
     owner/name, path/to/pipeline/
                               a diffusers pipeline (latent.py; the optional extra): Stable Diffusion,
                               latent and pixel DDPMs, from the hub or a save_pretrained folder
+    runs/<run>/student/       a distilled diffusers student (latent.save_student: its UNet in diffusers'
+                              format, its recipe, and the base pipeline its VAE and text encoder are from)
 
 `load(spec)` is the one loader: it returns the network in eval mode, frozen, and metadata that
 always holds `source`, `shape` (one sample's shape) and `sampling` (a solvers.Recipe as a dict:
@@ -245,20 +248,22 @@ def _is_file(spec, *suffixes):
 
 
 def _load_toy(spec, device):
-    """A toy teacher, trained once (toy.train_toy, ~30 s) and cached in <download cache>/toy under a
-    hash of its settings, so tests, notebooks and every CLI share one copy."""
+    """A toy teacher (2-D: ~30 s; toy:cifar10-16: ~10 min on 2 cores), trained once
+    (toy.train_teacher) and cached in <download cache>/toy under a hash of its settings, so tests,
+    notebooks and every CLI share one copy."""
     name, _, flag = spec[4:].partition(':')
-    if name not in toy.DATASETS or flag not in ('', 'cond'):
+    if name not in toy.WORLDS or flag not in ('', 'cond'):
         raise ValueError(f'unknown toy spec {spec!r}: use toy:<name> or toy:<name>:cond with a name in '
-                         f'{toy.DATASETS}')
+                         f'{toy.WORLDS}')
     settings = toy.teacher_settings(name, cond=flag == 'cond')
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = data.cache_root() / 'toy' / f'toy-{name}{"-" + flag if flag else ""}-{key}.pt'
     if path.is_file():
         return load_model(path, device)
     t0 = time.time()
-    net = toy.train_toy(name, label_dropout=settings['label_dropout'], device=device)
-    meta = dict(kind='toy-teacher', toy=name, train=settings, shape=[2], train_seconds=time.time() - t0,
+    net = toy.train_teacher(settings, device=device)
+    meta = dict(kind='toy-teacher', toy=name, train=settings, shape=toy.sample_shape(name),
+                train_seconds=time.time() - t0, train_threads=torch.get_num_threads(), train_device=str(device),
                 sampling=solvers.Recipe().to_dict())  # EDM's sampler
     save_model(path, net, **meta)
     return net, meta
@@ -276,7 +281,7 @@ def _load_ours(spec, device):
 
 # kind: (the form, as the error message lists it; does a spec have this form?; load(spec, device))
 KINDS = {
-    'toy': ('toy:<name>[:cond] (name in ' + ', '.join(toy.DATASETS) + ')',
+    'toy': ('toy:<name>[:cond] (name in ' + ', '.join(toy.WORLDS) + ')',
             lambda s: s.startswith('toy:'), _load_toy),
     'edm': ('an EDM preset or alias (' + ', '.join(EDM_ALIASES) + ', or edm-<preset>)',
             lambda s: _edm_name(s) is not None, _load_edm_spec),
@@ -284,8 +289,9 @@ KINDS = {
     'ours': ("a model file of this project (.pt), e.g. runs/<run>/student.pt",
              lambda s: _is_file(s, '.pt', '.pth'), _load_ours),
     'diffusers': ('a diffusers pipeline: a hub id (owner/name, e.g. '
-                  'stable-diffusion-v1-5/stable-diffusion-v1-5) or a folder with model_index.json '
-                  '(needs pip install -r requirements-latent.txt)',
+                  'stable-diffusion-v1-5/stable-diffusion-v1-5), a folder with model_index.json, or a '
+                  'distilled student folder, runs/<run>/student (needs pip install -r '
+                  'requirements-latent.txt)',
                   latent.is_spec, latent.load),
 }
 
@@ -342,6 +348,6 @@ if __name__ == '__main__':
     p.add_argument('spec', nargs='?', default='cifar10')
     args = p.parse_args()
     net, meta = load(args.spec)
-    print(f'{args.spec}: {kind_of(args.spec)}, {type(net.model).__name__}, '
+    print(f'{args.spec}: {kind_of(args.spec)}, {type(getattr(net, "model", net)).__name__}, '
           f'{sum(p.numel() for p in net.parameters()):,} parameters, sample shape {meta["shape"]}')
     print(f'sampling: {meta["sampling"]}')

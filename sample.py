@@ -18,7 +18,6 @@ to the float rounding of batched network arithmetic).
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -128,8 +127,8 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
     over the recipe's schedule: N calls.
     """
     cond, cfg = {}, None
-    if getattr(net, 'text', False) and guidance is not None:  # a text model: CFG against the empty prompt
-        cfg = float(guidance) if guidance != 0 else None
+    if getattr(net, 'text', False) and guidance is not None and not net.use_guidance_condition:
+        cfg = float(guidance) if guidance != 0 else None  # a text model: CFG against the empty prompt
     elif getattr(net, 'use_guidance_condition', False):
         if guidance is None:
             raise ValueError('this model takes the guidance strength as an input: pass --guidance w '
@@ -147,6 +146,13 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
     recipe = solvers.Recipe.from_dict(sampling)
     if stochastic:  # Meng Eq. 4-7: N grid points below t_N = t_max, one call each
         recipe = dataclasses.replace(recipe, solver='stochastic', afs=False, ends_at_zero=False)
+    if recipe.schedule == latent.UNIFORM and recipe.t_steps is None and (nfe or len(recipe.nfes()) == 1):
+        # a diffusers SFD-v student: its grid, uniform in its timestep, for the chosen NFE
+        nfe = nfe or recipe.nfes()[0]
+        n = solvers.steps_for_nfe(recipe.solver, nfe, recipe.afs, recipe.ends_at_zero) - recipe.ends_at_zero
+        t = net.uniform_schedule(n, recipe.t_min, recipe.t_max, recipe.rho)
+        t = solvers.append_zero(t) if recipe.ends_at_zero else t
+        recipe = dataclasses.replace(recipe, nfe=nfe, t_steps=t.tolist())
     t_steps, nfe, step = solvers.schedule_for(recipe, nfe)
     if recipe.solver == 'stochastic':
         calls = len(t_steps) - 1
@@ -197,7 +203,8 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
     elif plan.cfg is not None:  # Meng Sec. 2 / Ho & Salimans: (1 + w) D(x, c) - w D_u(x)
         D_u = None if uncond is None else (lambda x, t, **c: uncond(x.to(dtype), t, **c))
         D = solvers.guided(D, plan.cfg, uncond=D_u)
-    start = latent.init_scale if diffusers_model else float  # diffusers' prior, or x = t_max z
+    vp = diffusers_model and net.prior == 'vp'  # a pipeline; a distilled student starts as it was trained
+    start = latent.init_scale if vp else float  # diffusers' prior, or x = t_max z
     out, out_labels = [], []
     for i in tqdm(range(0, len(seeds), batch), unit='batch', disable=not progress or None, desc='sample'):
         chunk = seeds[i:i + batch]
@@ -211,8 +218,8 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
             x = solvers.stochastic_sample(D_checked, x_T, plan.t_steps, generator=gens, **cond)
         else:
             x = solvers.sample(D_checked, x_T, plan.t_steps, plan.solver, afs=plan.afs, **cond)
-        if diffusers_model:  # latents (or a VP pixel state) to images in [-1, 1]
-            x = net.decode(x, sigma=float(plan.t_steps[-1])).to(torch.float64)
+        if diffusers_model:  # latents (or a VP pixel state) to images in [-1, 1]; a student's x as sfd-main
+            x = net.decode(x, sigma=float(plan.t_steps[-1]) if vp else 0.0).to(torch.float64)
         out.append((x if raw or len(shape) == 1 else to_uint8(x)).cpu())
         out_labels.append(None if labels is None else labels.argmax(1).cpu())
         if on_batch is not None:
@@ -333,27 +340,11 @@ def discrete_recipe(recipe, net, nfe, given):
 
 
 def read_prompts(prompt=None, path=None):
-    """The prompts of --prompt TEXT or --prompts FILE: one per line, or MS-COCO's captions JSON
-    (its 'annotations'[*]['caption']), or a .csv with a 'text' column (SFD's COCO file)."""
+    """The prompts of --prompt TEXT or --prompts FILE (latent.read_captions: one per line, MS-COCO's
+    captions JSON, or a .csv with a 'text' column, SFD's COCO file)."""
     if prompt is not None:
         return [prompt]
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f'--prompts {path}: no such file')
-    if path.suffix == '.json':
-        out = [a['caption'].strip() for a in json.loads(path.read_text()).get('annotations', [])]
-    elif path.suffix == '.csv':
-        import csv
-        with open(path, newline='') as f:
-            out = [row['text'].strip() for row in csv.DictReader(f) if row.get('text')]
-    else:
-        out = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not out:
-        raise ValueError(f'--prompts {path}: no prompts found (one per line, COCO captions .json, or .csv '
-                         "with a 'text' column)")
-    return out
+    return None if path is None else latent.read_captions(path, '--prompts')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -517,6 +517,10 @@ def test_is_spec(tmp_path):
     for other in ('runs/student.pt', 'cifar10', 'edm-cifar10-32x32-cond-vp', 'https://host/x/net.pkl',
                   'toy:moons', 'a/b/c'):
         assert not latent.is_spec(other), other
+    (tmp_path / 'student').mkdir()  # a distilled student (latent.save_student) is a spec too
+    assert not latent.is_spec(tmp_path / 'student')
+    (tmp_path / 'student' / latent.STUDENT_FILE).write_text('{}')
+    assert latent.is_spec(tmp_path / 'student') and latent.is_student(tmp_path / 'student')
 
 
 def test_missing_extra_gives_one_error(monkeypatch):
@@ -530,8 +534,9 @@ def test_missing_extra_gives_one_error(monkeypatch):
     assert out.returncode == 0, out.stderr
     assert 'pip install -r requirements-latent.txt' in out.stdout
     monkeypatch.setitem(sys.modules, 'diffusers', None)
-    with pytest.raises(ImportError, match=r'pip install -r requirements-latent\.txt'):
+    with pytest.raises(ImportError, match=r'pip install -r requirements-latent\.txt') as e:
         latent.load('google/ddpm-cifar10-32')
+    assert isinstance(e.value, ValueError)  # also a ValueError: a CLI ends with one `error:` line (cli.run)
 
 
 # ---------------------------------------------------------------------------------------------

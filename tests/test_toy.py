@@ -1,4 +1,5 @@
-"""Tests for toy.py: data sets, the MLP denoiser in EDM's preconditioning, metrics, teachers."""
+"""Tests for toy.py: data sets, the MLP denoiser in EDM's preconditioning, metrics, teachers; the image
+world toy:cifar10-16 (its data path on a fixture; its teacher, quick-sized, on the in-house zip)."""
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import models
 import solvers
 import toy
 import unet
+from conftest import SHARED_DATA
 
 
 def test_datasets_and_labels():
@@ -126,3 +128,125 @@ def test_local_step_errors_eq_7(ring_teacher):
     assert len(errs) == 3 and all(e > 0 for e in errs)
     euler_traj = solvers.sample(teacher, 80 * z, t_coarse, 'euler', trajectory=True)
     assert max(toy.local_step_errors(teacher, euler_traj, t_coarse)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Image worlds (toy:cifar10-16): the data path on a fixture, the teacher on the in-house zip
+# ---------------------------------------------------------------------------------------------
+
+def _write_zip(path, images, labels):
+    """An EDM-style zip of lossless PNGs (uint8 [N, 3, H, W]) with dataset.json labels."""
+    import io
+    import json
+    import zipfile
+
+    from PIL import Image
+    with zipfile.ZipFile(path, 'w') as z:
+        names = [f'00000/img{i:08d}.png' for i in range(len(images))]
+        for name, img in zip(names, images):
+            buf = io.BytesIO()
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format='PNG')
+            z.writestr(name, buf.getvalue())
+        z.writestr('dataset.json', json.dumps({'labels': [[n, int(y)] for n, y in zip(names, labels)]}))
+
+
+def test_image_data_is_a_2x2_box_filter_of_the_zip(tmp_path):
+    """Each 16x16 pixel is the rounded mean of its 2x2 block of the 32x32 image (exact on PNGs);
+    an evenly spread subset keeps every class of a class-ordered zip; wrong sizes are refused."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(20) // 2  # class order, as the in-house zips
+    _write_zip(tmp_path / 'c.zip', images, labels)
+    x, y = toy.image_data(str(tmp_path / 'c.zip'), 16)
+    blocks = images.double().reshape(20, 3, 16, 2, 16, 2).mean((3, 5))
+    assert x.dtype == torch.uint8 and x.shape == (20, 3, 16, 16) and torch.equal(y, labels)
+    assert (x.double() - blocks).abs().max() <= 0.5
+    _, y_sub = toy.image_data(str(tmp_path / 'c.zip'), 16, max_images=10)
+    assert y_sub.unique().numel() == 10
+    _write_zip(tmp_path / 'small.zip', images[:, :, :16, :16], labels)
+    with pytest.raises(ValueError, match='SFD_CIFAR10=.*expected CIFAR-10 images'):
+        toy.image_data(str(tmp_path / 'small.zip'), 16)
+
+
+def test_image_edm_loss_matches_its_formula():
+    """edm_loss on images: sigma ~ exp(N(-1.2, 1.2^2)), weight (s^2 + 0.25) / (0.5 s)^2, summed over
+    pixels, averaged over the batch -- recomputed by hand from the same random stream (float64)."""
+    torch.manual_seed(0)
+    net = toy.image_net(8, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]).double()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    loss = toy.edm_loss(net, x, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    sigma = (torch.randn(4, generator=g) * 1.2 - 1.2).exp().double()
+    n = torch.randn(x.shape, generator=g).double() * sigma[:, None, None, None]
+    w = (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2
+    expect = sum(w[i] * (net(x[i:i + 1] + n[i:i + 1], sigma[i:i + 1]) - x[i:i + 1]).square().sum() for i in range(4)) / 4
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
+
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / 'cifar10-jpeg-train.zip').is_file(),
+                                reason='the in-house CIFAR-10 zips (../shared/data) are absent')
+
+
+@pytest.fixture(scope='module')
+def quick_images():
+    """$SFD_TOY_QUICK=1 and $SFD_CIFAR10 = the in-house train zip: toy:cifar10-16 is then a tiny net
+    trained for 6 iterations on 1,000 real images, through the same code as the real teacher."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('SFD_TOY_QUICK', '1')
+        mp.setenv('SFD_CIFAR10', str(SHARED_DATA / 'cifar10-jpeg-train.zip'))
+        yield mp
+
+
+@needs_data
+def test_image_teacher_is_trained_once_cached_and_loads(quick_images, monkeypatch):
+    net, meta = models.load('toy:cifar10-16')
+    assert meta['kind'] == 'toy-teacher' and meta['shape'] == [3, 16, 16] and net.label_dim == 0
+    assert meta['train'] == toy.teacher_settings('cifar10-16') and meta['train']['max_images'] == 1000
+    monkeypatch.setattr(toy, 'train_teacher', lambda *a, **k: pytest.fail('retrained instead of cached'))
+    again, _ = models.load('toy:cifar10-16')
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), again.parameters()))
+    x, y = toy.toy_data('cifar10-16', 64, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (64, 3, 16, 16) and -1 <= x.min() < x.max() <= 1 and 0 <= y.min() and y.max() <= 9
+    # The real teacher is a different file: its settings (and so its hash) differ from the quick ones.
+    quick_images.delenv('SFD_TOY_QUICK')
+    assert toy.teacher_settings('cifar10-16')['kimg'] > 10 * meta['train']['kimg']
+
+
+@needs_data
+def test_conditional_image_teacher_is_its_own_cfg_pair(quick_images):
+    net, meta = models.load('toy:cifar10-16:cond')
+    assert net.label_dim == 10 and meta['train']['label_dropout'] == 0.1
+    z = torch.randn(2, 3, 16, 16)
+    labels = torch.eye(10)[[3, 7]]
+    # The null label (zero one-hot, as trained with dropout) is the unconditional branch D_u, so
+    # guidance at w = 0 is the conditional model and w != 0 moves away from D_u.
+    c, u = net(z, 1.0, class_labels=labels), net(z, 1.0)
+    torch.testing.assert_close(solvers.guided(net, 0.0)(z, 1.0, class_labels=labels), c)
+    torch.testing.assert_close(solvers.guided(net, 2.0)(z, 1.0, class_labels=labels), 3 * c - 2 * u)
+
+
+@needs_data
+def test_image_teacher_runs_through_every_cli(quick_images, tmp_path, capsys):
+    """sample.py grids, distill.py (SFD + AFS and vanilla from real images), guided_pd.py stage
+    one: a couple of iterations each on the quick teacher."""
+    import distill
+    import guided_pd
+    import sample
+    from PIL import Image
+    sample.main(['--model', 'toy:cifar10-16', '--seeds', '0-7', '--nfe', '5', '--solver', 'dpmpp3m',
+                 '--grid', str(tmp_path / 'g.png'), '--quiet'])
+    assert Image.open(tmp_path / 'g.png').size[0] >= 4 * 16
+    for method in ('sfd', 'vanilla'):
+        cfg = distill.SFDConfig(teacher='toy:cifar10-16', method=method, batch=4, kimg=0.008, lr=1e-4,
+                                run_dir=str(tmp_path / method), device='cpu')
+        student, summary = distill.distill(distill.apply_defaults(cfg, explicit={'batch', 'kimg', 'lr'}),
+                                           progress=False, log=lambda s: None)
+        assert summary['iterations'] == 2
+    net, meta = models.load(str(tmp_path / 'sfd' / 'student.pt'))
+    table = toy.before_after_table('cifar10-16', net, meta, models.load('toy:cifar10-16')[0], n=4)
+    assert table.splitlines()[0].split()[-2:] == ['RMSE', '(A)'] and len(table.splitlines()) == 5
+    cfg = guided_pd.GuidedConfig(teacher='toy:cifar10-16:cond', iters=2, batch=4, tick=1,
+                                 run_dir=str(tmp_path / 'g1'), device='cpu')
+    guided_pd.stage_one(cfg, progress=False, log=lambda s: None)
+    student, meta = models.load(str(tmp_path / 'g1' / 'student.pt'))
+    assert student.use_guidance_condition and meta['data'] == 'toy:cifar10-16' and meta['shape'] == [3, 16, 16]

@@ -1,0 +1,176 @@
+"""One SFD iteration on a Stable Diffusion v1.5-sized UNet: time and peak memory, plus the memory computed.
+
+SFD Table 6's SD recipe: the teacher DPM-Solver++(2M) over the student grid refined K = 3 times
+(no gradients), then one student Euler step, backward and Adam update per student step (distill.py's
+teacher_targets and sfd_iteration), guidance 1 (the conditional branch only), bf16 autocast on CUDA.
+The UNet is built from SD v1.5's config with random weights (no download, no network): the cost
+is the architecture's. Prompt embeddings are random [B, 77, 768] (the frozen CLIP text encoder
+runs once per iteration outside the timed loop in a real run; its cost is small).
+
+    python benchmarks/sd_iteration.py                   # a GPU: SD-sized, batch 16; a CPU: a tiny UNet
+    python benchmarks/sd_iteration.py --nfe 4 --sfd-v --grad-checkpointing
+
+On a CPU it times a tiny UNet (labelled as such: those times say nothing about SD). Either way it
+prints the SD v1.5 memory at the chosen micro-batch computed without running SD: parameter counts
+from the configs and the bytes autograd saves in one student forward, counted under fake tensors
+(shapes only) with the bf16 autocast policy of the CPU, and the attention kernel that keeps no
+attention matrix (as CUDA's flash / memory-efficient ones).
+"""
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
+import distill  # noqa: E402
+import latent  # noqa: E402
+
+SD_UNET = dict(sample_size=64, cross_attention_dim=768)  # SD v1.5's values; the rest are the class defaults
+TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                 down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'), attention_head_dim=8,
+                 up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), norm_num_groups=8)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=('DownEncoderBlock2D',) * 4,
+              up_block_types=('UpDecoderBlock2D',) * 4, latent_channels=4, layers_per_block=2,
+              sample_size=512)
+SD_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, projection_dim=768)  # CLIP ViT-L/14's text
+GB = 1e9
+
+
+def denoiser(unet_kwargs):
+    """A random-weight UNet2DConditionModel with SD's noise schedule as a latent.Denoiser."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+    unet = UNet2DConditionModel(**unet_kwargs)
+    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+    return latent.wrap(unet, sched, use_fp16=True)
+
+
+def recipe(args, net):
+    """SFD Table 6 for Stable Diffusion (distill.LATENT_DEFAULTS), one micro-batch per round."""
+    cfg = distill.SFDConfig(**{**distill.LATENT_DEFAULTS, 'accumulate': args.accumulate, 'batch': args.batch,
+                               'nfe': args.nfe, 'method': 'sfd-v' if args.sfd_v else 'sfd'})
+    cfg.t_max = net.check_levels(cfg.t_min, cfg.t_max)
+    return cfg
+
+
+def time_iteration(args, dev, unet_kwargs):
+    """(seconds per iteration, peak GB or None, calls) of distill.py's SFD iteration on `dev`."""
+    teacher = denoiser(unet_kwargs).to(dev).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    if args.sfd_v:
+        student.enable_step_condition()
+    if args.grad_checkpointing:
+        student.unet.enable_gradient_checkpointing()
+    cfg = recipe(args, teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    t_steps = distill.student_schedule(cfg, cfg.nfe, student)
+    N = len(t_steps) - 1
+    t_teacher = distill.grid(cfg, cfg.K * N, student)
+    D = unet_kwargs['cross_attention_dim']
+    cond = dict(encoder_hidden_states=torch.randn(args.batch, 77, D, device=dev))
+    step = dict(step=distill.step_value(cfg.nfe, cfg.afs)) if args.sfd_v else {}
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+
+    def one():
+        x_N = cfg.t_max * torch.randn(args.batch, *teacher.shape, device=dev)
+        targets = distill.teacher_targets(teacher, x_N, t_teacher, cfg.K, cfg.teacher_solver,
+                                          rounds=cfg.accumulate, **cond)
+        distill.sfd_iteration(student, opt, x_N, t_steps, targets, cfg, **cond, **step)
+    one()  # warm-up: kernels chosen, Adam's state allocated
+    sync()
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.repeat):
+        one()
+    sync()
+    seconds = (time.perf_counter() - t0) / args.repeat
+    peak = torch.cuda.max_memory_allocated(dev) / GB if dev.type == 'cuda' else None
+    return seconds, peak, (cfg.K * N, N)
+
+
+def saved_bytes(batch, checkpointing):
+    """Bytes autograd keeps for backward in one SD student forward at `batch` (fake tensors: no compute)."""
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        unet = UNet2DConditionModel(**SD_UNET).train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()  # each storage once
+            return t
+        x, h = torch.randn(batch, 4, 64, 64), torch.randn(batch, 77, 768)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.autocast('cpu', torch.bfloat16):
+            unet(x, torch.full((batch,), 500.0), encoder_hidden_states=h)
+    return sum(storages.values())
+
+
+def count(cls, **kwargs):
+    """Parameters of a module built from config on the meta device (no memory)."""
+    with torch.device('meta'):
+        return sum(p.numel() for p in cls(**kwargs).parameters())
+
+
+def memory_table(batch, sfd_v):
+    """SD v1.5's memory for one SFD micro-batch, computed (weights, Adam, teacher, activations)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    P = count(UNet2DConditionModel, **SD_UNET) + (latent.COND_DIM * 320 if sfd_v else 0)
+    vae, text = count(AutoencoderKL, **SD_VAE), count(CLIPTextModel, config=CLIPTextConfig(**SD_TEXT))
+    rows = [('student UNet: fp32 weights, gradients, Adam m and v (16 B/param)', 16 * P),
+            ('teacher UNet, fp32 (a deep copy; bf16 autocast casts per call)', 4 * P),
+            ('VAE and CLIP text encoder, fp32 (frozen; latent.load reads both)', 4 * (vae + text))]
+    static = sum(b for _, b in rows)
+    lines = [f'SD v1.5 memory at micro-batch {batch} (computed, not measured: UNet {P:,} params, '
+             f'VAE {vae:,}, text {text:,})']
+    lines += [f'  {what:<68} {b / GB:6.2f} GB' for what, b in rows]
+    for ckpt in (False, True):
+        act = saved_bytes(batch, ckpt)
+        what = 'activations saved for backward, bf16 autocast' + (', checkpointing' if ckpt else '')
+        lines.append(f'  {what:<68} '
+                     f'{act / GB:6.2f} GB  -> total {(static + act) / GB:5.1f} GB + workspace')
+    return lines
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument('--device', default='auto')
+    p.add_argument('--batch', type=int, default=16, help='trajectories per iteration (SD: 16 per round)')
+    p.add_argument('--accumulate', type=int, default=1, help='rounds it is split into (as distill.py)')
+    p.add_argument('--nfe', type=int, default=2, help='student steps (the teacher takes K = 3 per step)')
+    p.add_argument('--sfd-v', action='store_true', help="SFD-v's step condition on the student")
+    p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--repeat', type=int, default=3)
+    p.add_argument('--no-estimate', action='store_true', help='skip the computed SD memory table')
+    args = p.parse_args(argv)
+    latent._require()
+    dev = cli.device(args.device)
+    sd = dev.type == 'cuda'
+    what = ('SD v1.5-sized UNet (random weights), bf16 autocast' if sd else
+            'CPU: a TINY UNet (8x8 latents, 2 levels), float32 -- not SD-sized: these times say nothing '
+            'about SD')
+    seconds, peak, (teacher_calls, student_calls) = time_iteration(args, dev, SD_UNET if sd else TINY_UNET)
+    lines = [f'{what}; {torch.cuda.get_device_name(dev) if sd else "cpu"}',
+             f'one SFD iteration, batch {args.batch} ({args.accumulate} round(s)), NFE {args.nfe}'
+             f'{" SFD-v" if args.sfd_v else ""}'
+             f'{", gradient checkpointing" if args.grad_checkpointing else ""}: '
+             f'{teacher_calls} teacher calls + {student_calls} student steps: {seconds:.3f} s'
+             + (f', peak {peak:.2f} GB allocated' if peak is not None else '')]
+    if sd and args.batch == 16 and args.accumulate == 1:
+        lines.append(f'  the recipe\'s 128 trajectories = 8 such rounds: ~{8 * seconds:.1f} s per iteration, '
+                     f'~{781 * 8 * seconds / 3600:.1f} h for 100 kimg (781 iterations) on this one GPU')
+    if not args.no_estimate:
+        lines += memory_table(args.batch // args.accumulate, args.sfd_v)
+    print('\n'.join(lines))
+    return lines
+
+
+if __name__ == '__main__':
+    cli.run(main)
