@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import captions
 import cli
 import data
 import latent
@@ -321,7 +322,7 @@ def validate(cfg, world=1):
              'vanilla distillation (Alg. 3) needs a single-step solver over K sub-steps: euler, heun or dpm2')
         need(cfg.accumulate == 1, 'accumulate', 'applies to sfd, sfd-v and the second stage')
     if cfg.captions:
-        latent.read_captions(cfg.captions)  # a missing or empty file fails now
+        captions.read_captions(cfg.captions)  # a missing or empty file fails now
     return cfg
 
 
@@ -437,7 +438,7 @@ def setup(cfg, state=None):
     prompts = None
     if isinstance(teacher, latent.Denoiser):  # t_max 0: its sigma_max; Sec. 3.4: captions, guidance 1
         cfg.t_max = teacher.check_levels(cfg.t_min, cfg.t_max)
-        prompts = latent.training_prompts(teacher, cfg.captions)
+        prompts = captions.training_prompts(teacher, cfg.captions)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if cfg.method == 'sfd-v' and not getattr(student, 'use_step_condition', False):
         student.enable_step_condition()  # Alg. 6, "Initialize": zero-initialised, an exact no-op

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import captions
 import cli
 import data
 import latent
@@ -470,7 +471,7 @@ def stage_one(cfg, dataset=None, progress=True, log=print):
 
 def _draw(cfg, net, spec, dataset, log):
     """Alg. 1/3's x ~ D: data_source, or for a text model captioned images (MS-COCO layout,
-    latent.caption_data) on its trained levels (the cosine schedule clipped to them)."""
+    captions.caption_data) on its trained levels (the cosine schedule clipped to them)."""
     if not isinstance(net, latent.Denoiser):
         return data_source(spec, net.label_dim, dataset)
     lo, hi = max(cfg.sigma_min, net.sigma_min), min(cfg.sigma_max, net.sigma_max)
@@ -481,7 +482,7 @@ def _draw(cfg, net, spec, dataset, log):
     if not cfg.captions:
         raise ValueError('--captions: a text-conditioned teacher needs captioned images: '
                          '--data <image folder> --captions <MS-COCO captions .json>')
-    return latent.caption_data(net, spec, cfg.captions)
+    return captions.caption_data(net, spec, cfg.captions)
 
 
 def _save(run_dir, name, net, prior, meta):

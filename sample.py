@@ -32,6 +32,7 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
+import captions
 import cli
 import data
 import fid  # only for IMAGES_KEY: the npz layout fid.py reads
@@ -340,11 +341,11 @@ def discrete_recipe(recipe, net, nfe, given):
 
 
 def read_prompts(prompt=None, path=None):
-    """The prompts of --prompt TEXT or --prompts FILE (latent.read_captions: one per line, MS-COCO's
+    """The prompts of --prompt TEXT or --prompts FILE (captions.read_captions: one per line, MS-COCO's
     captions JSON, or a .csv with a 'text' column, SFD's COCO file)."""
     if prompt is not None:
         return [prompt]
-    return None if path is None else latent.read_captions(path, '--prompts')
+    return None if path is None else captions.read_captions(path, '--prompts')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import captions
 import distill
 import latent
 import models
@@ -193,8 +194,10 @@ def test_sd_iteration_has_the_pixel_iterations_structure_and_lowers_its_loss(sd)
 @needs_diffusers
 def test_accumulation_2x2_equals_one_batch_of_4(sd):
     """Two rounds of 2 give the update of one batch of 4 (float64, Adam, SFD-v's step condition on):
-    measured max |difference| 2.4e-13 in the weights after two updates (Adam's m / sqrt(v) amplifies
-    round-off where a gradient is near 0; the updates are 1e-3), 2e-16 relative in the losses, and
+    measured max |difference| 2.4e-13 and, on a busier machine (other thread scheduling, other
+    reduction order), 1.1e-12 in the weights after two updates (Adam's m / sqrt(v) amplifies
+    round-off where a gradient is near 0; the updates are 1e-3, so the bound 1e-10 is still seven
+    orders below a wrong accumulation), 2e-16 relative in the losses, and
     3.6e-14 in the teacher targets (|x| <= 50), solved in two rounds."""
     net = _net64(sd)
     cfg = _cfg(sd, method='sfd-v')
@@ -218,7 +221,7 @@ def test_accumulation_2x2_equals_one_batch_of_4(sd):
         losses = distill.sfd_iteration(s, opt, x_N, t_steps, one, cfg, encoder_hidden_states=h, step=3)
         results.append((losses, torch.cat([p.detach().flatten() for p in s.parameters()])))
     (l1, p1), (l2, p2) = results
-    assert np.allclose(l1, l2, rtol=1e-12, atol=0) and (p1 - p2).abs().max() < 1e-12
+    assert np.allclose(l1, l2, rtol=1e-12, atol=0) and (p1 - p2).abs().max() < 1e-10
     assert (p1 - torch.cat([p.flatten() for p in student.parameters()])).abs().max() > 1e-5  # it moved
 
 
@@ -290,7 +293,7 @@ def test_guided_stage_one_and_two_on_a_tiny_sd(sd, tmp_path, capsys):
         coco['images'].append(dict(id=i, file_name=f'{i}.png'))
         coco['annotations'] += [dict(id=2 * i + k, image_id=i, caption=PROMPTS[(i + k) % 5]) for k in (0, 1)]
     (tmp_path / 'coco.json').write_text(json.dumps(coco))
-    latent.main(['coco-subset', '--images', str(images), '--captions', str(tmp_path / 'coco.json'),
+    captions.main(['coco-subset', '--images', str(images), '--captions', str(tmp_path / 'coco.json'),
                  '--num', '3', '--size', '8', '--outdir', str(tmp_path / 'ref'),
                  '--prompts-out', str(tmp_path / 'ref.txt')])
     refs = sorted((tmp_path / 'ref').iterdir())  # FID reference images: the first 3 by id, 8 x 8 crops
@@ -356,13 +359,13 @@ def test_clip_score_formula_and_missing_open_clip(monkeypatch):
     tokenizer = lambda texts: torch.tensor([[float(len(t))] for t in texts])
     cos = lambda a, b: np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)
     want = (cos([10, 20, 30], [2, 1, 0]) + cos([200, 0, 0], [6, 1, 0])) / 2
-    got = latent.clip_score(images, prompts, clip=(FakeCLIP(), preprocess, tokenizer), batch=1)
+    got = captions.clip_score(images, prompts, clip=(FakeCLIP(), preprocess, tokenizer), batch=1)
     assert got == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match='N prompts'):
-        latent.clip_score(images, prompts[:1], clip=(FakeCLIP(), preprocess, tokenizer))
+        captions.clip_score(images, prompts[:1], clip=(FakeCLIP(), preprocess, tokenizer))
     monkeypatch.setitem(sys.modules, 'open_clip', None)
     with pytest.raises(latent.MissingExtra, match='pip install open_clip_torch'):
-        latent.clip_score(images, prompts)
+        captions.clip_score(images, prompts)
 
 
 def test_captions_files(tmp_path):
@@ -371,13 +374,13 @@ def test_captions_files(tmp_path):
     coco = dict(annotations=[dict(caption='a cat '), dict(caption='x')])
     (tmp_path / 'b.json').write_text(json.dumps(coco))
     (tmp_path / 'c.csv').write_text('id,text\n0,a cat\n1,"a dog, running"\n')
-    assert latent.read_captions(tmp_path / 'a.txt') == ['a cat', 'a dog']
-    assert latent.read_captions(tmp_path / 'b.json') == ['a cat', 'x']
-    assert latent.read_captions(tmp_path / 'c.csv') == ['a cat', 'a dog, running']
+    assert captions.read_captions(tmp_path / 'a.txt') == ['a cat', 'a dog']
+    assert captions.read_captions(tmp_path / 'b.json') == ['a cat', 'x']
+    assert captions.read_captions(tmp_path / 'c.csv') == ['a cat', 'a dog, running']
     (tmp_path / 'e.txt').write_text('\n\n')
     for bad, match in (('e.txt', 'no prompts found'), ('none.txt', 'no such file')):
         with pytest.raises(ValueError, match=f'--captions .*{match}'):
-            latent.read_captions(tmp_path / bad)
+            captions.read_captions(tmp_path / bad)
 
 
 @needs_diffusers
