@@ -173,7 +173,8 @@ def teacher_targets(teacher, x_N, t_teacher, K, solver, afs=False, rounds=1, **c
     K times; its states at every K-th timestamp are the targets x~_{N-1}, ..., x~_0 ([N, B, ...]).
     `rounds` micro-batches are solved one after another (the memory of one; the same states)."""
     with torch.inference_mode(), cli.autocast(x_N.device):
-        traj = torch.cat([solvers.sample(teacher, x, t_teacher, solver, afs=afs, trajectory=True, **c)
+        # x.clone(): an inference tensor like every later state, so torch.compile traces the teacher once
+        traj = torch.cat([solvers.sample(teacher, x.clone(), t_teacher, solver, afs=afs, trajectory=True, **c)
                           for x, c in rounds_of(x_N, cond, rounds)], dim=1)
     return traj[K::K].clone()  # clone: out of inference mode, usable as loss targets
 
