@@ -208,7 +208,7 @@ def test_image_teacher_is_trained_once_cached_and_loads(quick_images, monkeypatc
     x, y = toy.toy_data('cifar10-16', 64, generator=torch.Generator().manual_seed(0))
     assert x.shape == (64, 3, 16, 16) and -1 <= x.min() < x.max() <= 1 and 0 <= y.min() and y.max() <= 9
     # The real teacher is a different file: its settings (and so its hash) differ from the quick ones.
-    quick_images.delenv('SFD_TOY_QUICK')
+    monkeypatch.delenv('SFD_TOY_QUICK')  # this test only: the fixture's quick setting stays for the others
     assert toy.teacher_settings('cifar10-16')['kimg'] > 10 * meta['train']['kimg']
 
 
