@@ -263,7 +263,8 @@ def _load_toy(spec, device):
     t0 = time.time()
     net = toy.train_teacher(settings, device=device)
     meta = dict(kind='toy-teacher', toy=name, train=settings, shape=toy.sample_shape(name),
-                train_seconds=time.time() - t0, train_threads=torch.get_num_threads(), train_device=str(device),
+                train_seconds=time.time() - t0, train_threads=torch.get_num_threads(),
+                train_device=str(device),
                 sampling=solvers.Recipe().to_dict())  # EDM's sampler
     save_model(path, net, **meta)
     return net, meta

@@ -239,12 +239,13 @@ def image_data(source, resolution, max_images=None):
 def image_net(resolution, label_dim=0, **net):
     """EDM's DDPM++ (SongUNet with positional noise embedding) at `resolution`, in EDM's
     preconditioning with sigma_data = 0.5; `net`: the U-Net's widths and depth."""
-    return unet.EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, sigma_data=SIGMA_DATA,
-                           model_type='SongUNet', dropout=0.0, **net)
+    return unet.EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim,
+                           sigma_data=SIGMA_DATA, model_type='SongUNet', dropout=0.0, **net)
 
 
 def train_images(name, label_dropout=0.0, resolution=16, kimg=200.0, batch=128, lr=2e-3, lr_rampup_kimg=5.0,
-                 ema_max=0.999, max_images=None, net=None, source='cifar10', seed=0, device='cpu', progress=True):
+                 ema_max=0.999, max_images=None, net=None, source='cifar10', seed=0, device='cpu',
+                 progress=True):
     """Train an image teacher from scratch (EDM's recipe, scaled down); returns the EMA network.
 
     Each iteration draws a batch of real images (uniformly, with replacement), flips each one
@@ -279,7 +280,7 @@ def train_images(name, label_dropout=0.0, resolution=16, kimg=200.0, batch=128, 
         opt.step()
         beta = min(ema_max, (1 + it) / (10 + it))
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - beta)
     return ema
 
@@ -363,7 +364,8 @@ def before_after_table(name, student, meta, teacher, first_stage=None, n=2000):
     ref = reference_solution(teacher, z, s['t_min'], s['t_max'])
     data_ref = toy_data(name, n, generator=torch.Generator().manual_seed(99))[0]
     nfes = s['nfe'] if isinstance(s['nfe'], list) else [s['nfe']]
-    rows = ['NFE  method            RMSE (A)' if image else 'NFE  method            fidelity (A)  sliced W2 to data',
+    head = 'RMSE (A)' if image else 'fidelity (A)  sliced W2 to data'
+    rows = [f'NFE  method            {head}',
             '  -  teacher ODE         0.0000' if image else
             f'  -  teacher ODE       {0:12.4f}  {sliced_wasserstein(ref, data_ref):12.4f}']
     for k in nfes:
@@ -388,8 +390,8 @@ def before_after_table(name, student, meta, teacher, first_stage=None, n=2000):
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description='Train a teacher of a world (uncached: `python models.py toy:<world>` '
-                                            'caches it) and measure the solvers on it.')
+    p = argparse.ArgumentParser(description='Train a teacher of a world (uncached: `python models.py '
+                                            'toy:<world>` caches it) and measure the solvers on it.')
     p.add_argument('name', nargs='?', default='ring', choices=WORLDS)
     p.add_argument('--cond', action='store_true', help='class-conditional with label dropout 0.1')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cifar10-32 is meant for a GPU)')

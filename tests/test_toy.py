@@ -179,7 +179,8 @@ def test_image_edm_loss_matches_its_formula():
     sigma = (torch.randn(4, generator=g) * 1.2 - 1.2).exp().double()
     n = torch.randn(x.shape, generator=g).double() * sigma[:, None, None, None]
     w = (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2
-    expect = sum(w[i] * (net(x[i:i + 1] + n[i:i + 1], sigma[i:i + 1]) - x[i:i + 1]).square().sum() for i in range(4)) / 4
+    per_sample = [w[i] * (net(x[i:i + 1] + n[i:i + 1], sigma[i:i + 1]) - x[i:i + 1]).square().sum() for i in range(4)]
+    expect = sum(per_sample) / 4
     torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
 
 
@@ -235,7 +236,7 @@ def test_image_teacher_runs_through_every_cli(quick_images, tmp_path, capsys):
     from PIL import Image
     sample.main(['--model', 'toy:cifar10-16', '--seeds', '0-7', '--nfe', '5', '--solver', 'dpmpp3m',
                  '--grid', str(tmp_path / 'g.png'), '--quiet'])
-    assert Image.open(tmp_path / 'g.png').size[0] >= 4 * 16
+    assert Image.open(tmp_path / 'g.png').size == (3 * 16, 3 * 16)  # 8 images: a 3 x 3 grid
     for method in ('sfd', 'vanilla'):
         cfg = distill.SFDConfig(teacher='toy:cifar10-16', method=method, batch=4, kimg=0.008, lr=1e-4,
                                 run_dir=str(tmp_path / method), device='cpu')
@@ -249,4 +250,5 @@ def test_image_teacher_runs_through_every_cli(quick_images, tmp_path, capsys):
                                  run_dir=str(tmp_path / 'g1'), device='cpu')
     guided_pd.stage_one(cfg, progress=False, log=lambda s: None)
     student, meta = models.load(str(tmp_path / 'g1' / 'student.pt'))
-    assert student.use_guidance_condition and meta['data'] == 'toy:cifar10-16' and meta['shape'] == [3, 16, 16]
+    assert student.use_guidance_condition and meta['data'] == 'toy:cifar10-16'
+    assert meta['shape'] == [3, 16, 16]
