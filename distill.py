@@ -83,6 +83,11 @@ class SFDConfig:
 # Toy teachers are fresh MLPs, not pretrained UNets: a larger lr suits them (SFD's 5e-5 was tuned
 # for fine-tuning EDM networks), and they are cheap enough for larger batches.
 TOY_DEFAULTS = dict(lr=5e-4, batch=256, kimg=100.0, tick_kimg=5.0, snapshot_kimg=50.0)
+# The image worlds (toy:cifar10-16): DDPM++ copies fine-tuned on a CPU, 3K trajectories of SFD +
+# AFS at 2 NFE in 1.7 minutes on two cores (benchmarks/image_results.py); SFD-v twice as many (its
+# four NFE), the second stage at 10x the lr (as SFD's official launch script).
+IMAGE_DEFAULTS = dict(lr=2e-4, batch=32, kimg=3.0, tick_kimg=0.5, snapshot_kimg=1.0)
+IMAGE_METHOD_DEFAULTS = {'sfd-v': dict(kimg=6.0), 'second-stage': dict(lr=2e-3)}
 # Per-method recipes of the official launch script: SFD-v trains 800K trajectories (200K per NFE,
 # Table 7). The second stage: 2000K trajectories, lr 10x, K = M + 1 = 3. The paper's text says
 # K = 2; we follow the code: with K = 3 the 1-NFE student's teacher is the first-stage student at
@@ -269,11 +274,15 @@ RESUMABLE = ('kimg', 'tick_kimg', 'snapshot_kimg', 'device', 'compile', 'run_dir
 def apply_defaults(cfg, explicit=()):
     """Fill the settings the user did not give with the method's and (toy teachers) the toy recipe."""
     changes = dict(METHOD_DEFAULTS.get(cfg.method, {}))
-    if models.toy_world(cfg.teacher):
+    world = models.toy_world(cfg.teacher)
+    if world in toy.IMAGE_WORLDS:
+        changes.update(IMAGE_DEFAULTS, **IMAGE_METHOD_DEFAULTS.get(cfg.method, {}))
+    elif world:
         changes.update(TOY_DEFAULTS)
     elif latent.is_spec(cfg.teacher):
         changes.update(LATENT_DEFAULTS, kimg=100.0 * (len(cfg.nfe_list) if cfg.method == 'sfd-v' else 1))
-    elif cfg.method == 'second-stage':  # Sec. 4.2: L1 + LPIPS for images, when piq is installed
+    pixels = world in toy.IMAGE_WORLDS or not (world or latent.is_spec(cfg.teacher))
+    if cfg.method == 'second-stage' and pixels:  # Sec. 4.2: L1 + LPIPS for images
         try:
             import piq  # noqa: F401
             changes['loss'] = 'l1+lpips'
@@ -693,6 +702,8 @@ def main(argv=None):
     p = cli.add_config_flags(cli.parser(__doc__), SFDConfig, HELP)
     p.add_argument('--resume', help=f'continue the run in this folder (may change: {", ".join(RESUMABLE)})')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--eval-n', type=int, default=2000, help='toy teachers: samples in the before/after '
+                   'table (images: at most toy.IMAGE_EVAL_N; 0: no table)')
     args = p.parse_args(argv)
     cfg, explicit = cli.config_from_args(SFDConfig, args)
     if not args.resume:
@@ -701,10 +712,10 @@ def main(argv=None):
     path = Path(summary['run_dir']) / 'student.pt'  # a diffusers student is the folder student/
     meta = models.load_meta(path) if cli.rank() == 0 and path.is_file() else {}
     name = models.toy_world(meta.get('teacher', ''))
-    if name:  # a toy run: the before/after table
+    if name and args.eval_n > 0:  # a toy run: the before/after table
         first = models.load(meta['teacher']) if meta['method'] == 'second-stage' else None
         teacher = models.load(f'toy:{name}')[0]
-        print(toy.before_after_table(name, student.cpu(), meta, teacher, first_stage=first))
+        print(toy.before_after_table(name, student.cpu(), meta, teacher, first_stage=first, n=args.eval_n))
     cli.close_distributed()
 
 

@@ -76,6 +76,9 @@ class GuidedConfig:
 # A fresh toy MLP adapts faster than a pretrained U-Net, and its runs must fit in minutes on a CPU.
 TOY_DEFAULTS = dict(batch=256, lr=1e-3, iters=3000, ema=0.99, start_n=16, round_iters=1500,
                     final_round_iters=2000, tick=250)
+# The image worlds (toy:cifar10-16:cond): a DDPM++ copy on a CPU, a few minutes per stage.
+IMAGE_DEFAULTS = dict(batch=32, lr=1e-4, iters=200, ema=0.99, start_n=8, round_iters=100,
+                      final_round_iters=200, tick=50)
 # Text-to-image teachers (diffusers): Meng Sec. 4.2 / App. C on SD, w in [2, 14] in Imagen's convention,
 # i.e. SD guidance_scale 3 .. 15 (our w = omega - 1 is the same number); a 512-step DDIM teacher for
 # stage two; ~3000 stage-one updates and 2000 per halving; the paper's batch 512 needs many GPUs.
@@ -568,13 +571,18 @@ def toy_table(paths, ws=(0.0, 1.0, 2.0, 4.0), n=2000, seed=0, ref_steps=256):
     while meta['kind'] == 'guided-stage2':  # up the lineage to the stage-one file
         meta = models.load_meta(meta['teacher'])
     name, D_w = models.toy_world(meta['teacher']), load_cfg_teacher(meta['teacher'])[0]
+    image = name in toy.IMAGE_WORLDS  # metric A as per-pixel RMSE on a few images, no W2 (too few per class)
+    if image:
+        n, ref_steps = min(n, toy.IMAGE_EVAL_N), min(ref_steps, toy.IMAGE_REF_STEPS)
     x_data, y = toy.toy_data(name, n, generator=torch.Generator().manual_seed(seed + 99))
     onehot = torch.eye(toy.num_classes(name))[y]
-    z = toy.eval_noise(n)
+    z = toy.eval_noise(n, shape=toy.sample_shape(name))
     sw2 = lambda a, b: sum(toy.sliced_wasserstein(a[y == c], b[y == c]) for c in y.unique()) / len(y.unique())
-    rows = ['   w  NFE  sampler                 metric A  SW2 to data  SW2 to teacher']
-    row = lambda w, nfe, label, x, ref: (f'{w:4g} {nfe:4d}  {label:<22}  {toy.fidelity(x, ref):8.4f}  '
-                                         f'{sw2(x, x_data):11.4f}  {sw2(x, ref):14.4f}')
+    head = 'RMSE (A)' if image else 'metric A  SW2 to data  SW2 to teacher'
+    rows = ['   w  NFE  sampler                 ' + head]
+    row = lambda w, nfe, label, x, ref: (f'{w:4g} {nfe:4d}  {label:<22}  ' + (
+        f'{toy.rmse(x, ref):8.4f}' if image else
+        f'{toy.fidelity(x, ref):8.4f}  {sw2(x, x_data):11.4f}  {sw2(x, ref):14.4f}'))
     students = [models.load(path) for path in paths]
     baseline_steps = sorted({k for _, m in students for k in (max(m['N'] // 2, 1), m['N'])}, reverse=True)
     for w in ws:
@@ -598,7 +606,8 @@ def main(argv=None):
     cfg, explicit = cli.config_from_args(GuidedConfig, args)
     validate(cfg, args.stage)  # before the teacher's metadata is read
     world = models.toy_world(cfg.teacher)
-    defaults = TOY_DEFAULTS if world else LATENT_DEFAULTS if latent.is_spec(cfg.teacher) else {}
+    defaults = (IMAGE_DEFAULTS if world in toy.IMAGE_WORLDS else TOY_DEFAULTS if world else
+                LATENT_DEFAULTS if latent.is_spec(cfg.teacher) else {})
     for k, v in defaults.items():  # toy and diffusers runs: their recipe for every setting not given
         if k not in explicit:
             setattr(cfg, k, v)

@@ -7,8 +7,9 @@ optionally with label dropout so it also serves as its own unconditional model f
 classifier-free guidance.
 
 Images. `cifar10-16` is CIFAR-10 average-pooled 2x2 to 16x16 with EDM's DDPM++ (`unet.SongUNet`,
-1.75M parameters), EDM's preconditioning and loss, random x-flips and an EMA: about 10 minutes on
-two quiet CPU cores, and its 35-NFE Heun samples look like CIFAR-10 at 16x16. `cifar10-32` is the
+1.75M parameters), EDM's preconditioning and loss, random x-flips and an EMA: 200 kimg, about 29
+minutes on two quiet CPU cores (116 img/s, benchmarks/image_results.py), and its 35-NFE Heun
+samples look like CIFAR-10 at 16x16 (notebook 04). `cifar10-32` is the
 same code at full resolution with a wider net, for a GPU. The images come from the official
 CIFAR-10 archive (data.load_cifar10), or from an EDM-style zip or folder named by $SFD_CIFAR10.
 
@@ -24,7 +25,8 @@ As model specs (models.py) `toy:<world>` and `toy:<world>:cond` are trained once
 
     python toy.py ring              # train a ring teacher (about 30 s) and print every
                                     # solver's fidelity at a few NFE
-    python models.py toy:cifar10-16 # train (once, ~10 min on 2 cores) and cache the image teacher
+    python models.py toy:cifar10-16 # train (once, ~30 min on 2 cores) and cache the image teacher
+    python toy.py cifar10-16 --real-npz real16.npz   # its real 16x16 images, for `fid.py ref`
 """
 
 import argparse
@@ -33,6 +35,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -181,9 +184,9 @@ def train_teacher(settings, device='cpu', progress=True):
 # Image worlds: CIFAR-10 at 16x16 (a CPU) and 32x32 (a GPU), EDM's DDPM++ trained here
 # ---------------------------------------------------------------------------------------------
 
-# The recipe of each image world. cifar10-16 is sized by a measured calibration run (2 quiet CPU
-# cores: 325 img/s forward + backward at batch 128, so 200 kimg take ~10 minutes; 153 kimg already
-# gave CIFAR-like Heun samples): DDPM++ at 1/4 of EDM's width, two levels of down-sampling,
+# The recipe of each image world. cifar10-16 was sized by a calibration run that estimated 325
+# img/s on 2 CPU cores (153 kimg already gave CIFAR-like Heun samples); this recipe measures 116
+# img/s at batch 128 on 2 quiet cores, so its 200 kimg take ~29 minutes: DDPM++ at 1/4 of EDM's width, two levels of down-sampling,
 # attention at 8x8, no dropout. Adam at lr 2e-3 after a short linear warm-up (EDM ramps its lr up
 # over 10 Mimg; a short run needs a shorter ramp), and an EMA whose decay grows as
 # (1 + i) / (10 + i) up to `ema_max` (a short run's stand-in for EDM's ramped half-life).
@@ -219,13 +222,18 @@ def image_data(source, resolution, max_images=None):
         return _IMAGES[key]
     where = 'the CIFAR-10 archive' if source == 'cifar10' else f'SFD_CIFAR10={source}'
     if source == 'cifar10':
-        x, y = data.load_cifar10('train')
+        try:
+            x, y = data.load_cifar10('train')
+        except RuntimeError as e:  # offline: say the other way to give the images
+            raise RuntimeError(f'{e} Or set SFD_CIFAR10 to an EDM-style zip or folder of the CIFAR-10 '
+                               'training images.') from e
         pick = range(len(x)) if max_images is None else torch.linspace(0, len(x) - 1, max_images).long()
         x, y = x[pick], y[pick]
     else:
         ds = data.ImageZipDataset(source)
         pick = range(len(ds)) if max_images is None else torch.linspace(0, len(ds) - 1, max_images).long()
-        items = [ds[int(i)] for i in tqdm(pick, desc=f'read {ds.path.name}', disable=len(pick) < 5000)]
+        items = [ds[int(i)] for i in tqdm(pick, desc=f'read {ds.path.name}',
+                                           disable=None if len(pick) >= 5000 else True)]
         x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
     if tuple(x.shape[1:]) != (3, 32, 32) or 32 % resolution:
         raise ValueError(f'{where}: expected CIFAR-10 images [3, 32, 32] (for {resolution}x{resolution}), '
@@ -350,18 +358,21 @@ def solver_config(solver, nfe, t_min=0.006, t_max=80., **options):
     return solvers.Recipe(solver, nfe, t_min=t_min, t_max=t_max, ends_at_zero=False, **options)
 
 
-IMAGE_EVAL_N = 128  # samples in an image world's before/after table (a 256-step reference each)
+IMAGE_EVAL_N = 64  # samples in an image world's before/after table
+IMAGE_REF_STEPS = 128  # its reference: 2e-5 per-pixel RMSE from a 512-step solve (toy:cifar10-16, 16 samples)
 
 
-def before_after_table(name, student, meta, teacher, first_stage=None, n=2000):
+def before_after_table(name, student, meta, teacher, first_stage=None, n=2000, ref_steps=None):
     """The student against DPM-Solver++(3M) and Euler at equal NFE, from the same noise; with
     `first_stage` = (net, meta) of an SFD/SFD-v model, also that model at the same NFE. Points:
-    fidelity (A) and sliced W2 to data; images: metric A as per-pixel RMSE (IMAGE_EVAL_N samples)."""
+    fidelity (A) and sliced W2 to data; images: metric A as per-pixel RMSE (at most IMAGE_EVAL_N
+    samples). The reference: the teacher's fine solve over `ref_steps` (default 256; images 128)."""
     s = solvers.Recipe.from_dict(meta['sampling']).to_dict()
     image = name in IMAGE_WORLDS
     n = min(n, IMAGE_EVAL_N) if image else n
     z = eval_noise(n, shape=sample_shape(name))
-    ref = reference_solution(teacher, z, s['t_min'], s['t_max'])
+    ref_steps = ref_steps or (IMAGE_REF_STEPS if image else 256)
+    ref = reference_solution(teacher, z, s['t_min'], s['t_max'], steps=ref_steps)
     data_ref = toy_data(name, n, generator=torch.Generator().manual_seed(99))[0]
     nfes = s['nfe'] if isinstance(s['nfe'], list) else [s['nfe']]
     head = 'RMSE (A)' if image else 'fidelity (A)  sliced W2 to data'
@@ -389,13 +400,33 @@ def before_after_table(name, student, meta, teacher, first_stage=None, n=2000):
     return '\n'.join(rows)
 
 
+def save_real_npz(name, path):
+    """An image world's real training images (image_data: pooled as its teacher saw them) as uint8
+    [N, H, W, C] under 'images', the npz layout fid.py reads (fid.IMAGES_KEY); returns N."""
+    s = teacher_settings(name)
+    x = image_data(s['source'], s['resolution'], s['max_images'])[0]
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to tmp
+            np.savez(f, images=x.permute(0, 2, 3, 1).numpy())
+    data.atomic_write(path, write)
+    return len(x)
+
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description='Train a teacher of a world (uncached: `python models.py '
                                             'toy:<world>` caches it) and measure the solvers on it.')
     p.add_argument('name', nargs='?', default='ring', choices=WORLDS)
     p.add_argument('--cond', action='store_true', help='class-conditional with label dropout 0.1')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cifar10-32 is meant for a GPU)')
+    p.add_argument('--real-npz', metavar='PATH', help="image worlds: write the real training images as the "
+                   "teacher sees them (pooled) to an npz for `fid.py ref --data PATH`, and exit")
     args = p.parse_args()
+    if args.real_npz:
+        if args.name not in IMAGE_WORLDS:
+            p.error(f'--real-npz needs an image world ({", ".join(IMAGE_WORLDS)}), not {args.name!r}')
+        print(f'{save_real_npz(args.name, args.real_npz)} images -> {args.real_npz}')
+        raise SystemExit
     t0 = time.time()
     teacher = train_teacher(teacher_settings(args.name, args.cond), device=args.device)
     print(f'toy:{args.name} teacher, trained in {time.time() - t0:.0f} s (models.load caches it as a spec)')

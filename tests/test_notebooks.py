@@ -2,7 +2,7 @@
 
 Each notebook is executed with nbclient in a fresh `python3` kernel, with the working directory
 notebooks/ (as Jupyter would), in its quick mode (NOTEBOOK_QUICK=1: the same cells, shorter
-training) and smoke mode (NOTEBOOK_SMOKE=1: the CIFAR-10 notebook's tiny random model on a CPU).
+training; the image notebook 04 a tiny teacher on the in-house CIFAR-10 copy, skipped without it).
 The executed copy is discarded: the committed outputs come from a full-settings run.
 Notebooks teach by calling the project's code, so a code cell that defines a function or class
 of the same name as one in a module (a copy that could drift from the real one) fails the
@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 
 NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
 MODULES = sorted(ROOT.glob('*.py'))  # the project's modules live at the repository root
@@ -102,12 +102,15 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
     nbformat = pytest.importorskip('nbformat', reason='notebook extra not installed (pip install -r requirements-dev.txt)')
     nbclient = pytest.importorskip('nbclient', reason='notebook extra not installed (pip install -r requirements-dev.txt)')
     pytest.importorskip('ipykernel', reason='notebook extra not installed (pip install -r requirements-dev.txt)')
-    # The kernel inherits this environment: quick and smoke modes, the tests' download cache
+    # The kernel inherits this environment: the quick mode, the tests' download cache
     # (SFD_CACHE, set in conftest.py, so cached toy teachers are shared with the other tests), and
     # a temporary folder of this test for anything a notebook writes with tempfile.
     monkeypatch.setenv('NOTEBOOK_QUICK', '1')
-    monkeypatch.setenv('NOTEBOOK_SMOKE', '1')
     monkeypatch.setenv('TMPDIR', str(tmp_path))
+    if path.name.startswith('04'):  # the image world needs CIFAR-10: the in-house copy, never a download
+        if not (SHARED_DATA / 'cifar10-jpeg-train.zip').is_file():
+            pytest.skip(f'needs the in-house CIFAR-10 images in {SHARED_DATA}')
+        monkeypatch.setenv('SFD_CIFAR10', str(SHARED_DATA / 'cifar10-jpeg-train.zip'))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                                      resources={'metadata': {'path': str(path.parent)}})

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 import models
 import solvers
 import toy
-import unet
-from conftest import SHARED_DATA
 
 
 def test_datasets_and_labels():
@@ -179,7 +178,8 @@ def test_image_edm_loss_matches_its_formula():
     sigma = (torch.randn(4, generator=g) * 1.2 - 1.2).exp().double()
     n = torch.randn(x.shape, generator=g).double() * sigma[:, None, None, None]
     w = (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2
-    per_sample = [w[i] * (net(x[i:i + 1] + n[i:i + 1], sigma[i:i + 1]) - x[i:i + 1]).square().sum() for i in range(4)]
+    D = [net(x[i:i + 1] + n[i:i + 1], sigma[i:i + 1]) for i in range(4)]  # one sample at a time
+    per_sample = [w[i] * (D[i] - x[i:i + 1]).square().sum() for i in range(4)]
     expect = sum(per_sample) / 4
     torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
 
@@ -230,10 +230,11 @@ def test_conditional_image_teacher_is_its_own_cfg_pair(quick_images):
 def test_image_teacher_runs_through_every_cli(quick_images, tmp_path, capsys):
     """sample.py grids, distill.py (SFD + AFS and vanilla from real images), guided_pd.py stage
     one: a couple of iterations each on the quick teacher."""
+    from PIL import Image
+
     import distill
     import guided_pd
     import sample
-    from PIL import Image
     sample.main(['--model', 'toy:cifar10-16', '--seeds', '0-7', '--nfe', '5', '--solver', 'dpmpp3m',
                  '--grid', str(tmp_path / 'g.png'), '--quiet'])
     assert Image.open(tmp_path / 'g.png').size == (3 * 16, 3 * 16)  # 8 images: a 3 x 3 grid
@@ -252,3 +253,60 @@ def test_image_teacher_runs_through_every_cli(quick_images, tmp_path, capsys):
     student, meta = models.load(str(tmp_path / 'g1' / 'student.pt'))
     assert student.use_guidance_condition and meta['data'] == 'toy:cifar10-16'
     assert meta['shape'] == [3, 16, 16]
+
+
+def test_image_world_recipes_of_the_clis():
+    """distill.py and guided_pd.py size runs on an image world for a CPU unless flags say otherwise."""
+    import distill
+    sfdv = distill.apply_defaults(distill.SFDConfig(teacher='toy:cifar10-16', method='sfd-v'))
+    assert (sfdv.kimg, sfdv.lr, sfdv.batch) == (6.0, 2e-4, 32)
+    second = distill.apply_defaults(distill.SFDConfig(teacher='toy:cifar10-16', method='second-stage'))
+    assert (second.nfe, second.K, second.lr, second.kimg) == (1, 3, 2e-3, 3.0)
+    assert second.loss in ('l1', 'l1+lpips')  # LPIPS exactly when piq is installed
+    ring = distill.apply_defaults(distill.SFDConfig(teacher='toy:ring', method='second-stage'))
+    assert (ring.lr, ring.kimg, ring.loss) == (5e-4, 100.0, 'l1')  # 2-D points: no LPIPS
+    mine = distill.apply_defaults(distill.SFDConfig(teacher='toy:cifar10-16', kimg=1.0), explicit={'kimg'})
+    assert mine.kimg == 1.0 and mine.lr == 2e-4
+
+
+@needs_data
+def test_image_teacher_sfd_v_second_stage_and_guided_stage_two_clis(quick_images, tmp_path, capsys):
+    """SFD-v -> the second stage (its 5-NFE teacher), guided stage one -> stage two, each through
+    its command line on the quick teacher, with the before/after tables in per-pixel RMSE."""
+    import distill
+    import guided_pd
+    common = ['--batch', '4', '--kimg', '0.008', '--device', 'cpu', '--quiet', '--eval-n', '0']
+    v, s = tmp_path / 'v', tmp_path / 's'
+    distill.main(['--teacher', 'toy:cifar10-16', '--method', 'sfd-v', '--run-dir', str(v)] + common)
+    distill.main(['--teacher', str(v / 'student.pt'), '--method', 'second-stage', '--run-dir', str(s)]
+                 + common)
+    one, meta = models.load(str(s / 'student.pt'))
+    assert meta['sampling']['nfe'] == 1 and models.toy_world(str(s / 'student.pt')) == 'cifar10-16'
+    # The tables the CLIs print (--eval-n), on 4 images and a coarse reference to stay quick.
+    table = toy.before_after_table('cifar10-16', one, meta, models.load('toy:cifar10-16')[0],
+                                   first_stage=models.load(str(v / 'student.pt')), n=4, ref_steps=8)
+    assert table.splitlines()[0].endswith('RMSE (A)') and [r.split()[1] for r in table.splitlines()[2:]] == \
+        ['student', 'DPM-Solver++(3M)', 'Euler', 'first']
+    g = ['--batch', '4', '--device', 'cpu', '--quiet', '--tick', '1']
+    guided_pd.main(['stage1', '--teacher', 'toy:cifar10-16:cond', '--iters', '2', '--run-dir',
+                    str(tmp_path / 'g1')] + g)
+    guided_pd.main(['stage2', '--teacher', str(tmp_path / 'g1' / 'student.pt'), '--start-n', '4',
+                    '--round-iters', '1', '--final-round-iters', '1', '--run-dir', str(tmp_path / 'g2'),
+                    '--eval-n', '0'] + g)
+    paths = sorted((tmp_path / 'g2').glob('*.pt'))
+    table = guided_pd.toy_table([str(q) for q in paths], n=4, ref_steps=8)
+    # Per w (0, 1, 2, 4): the teacher's ODE, the students N = 2 and 1, DDIM-CFG at 2 and 1 steps.
+    assert table[0].endswith('RMSE (A)') and len(table) == 1 + 4 * 5
+    assert sum('teacher ODE' in r for r in table) == 4
+    assert all(0 <= float(r.split()[-1]) < 2 for r in table[1:])  # per-pixel RMSE of [-1, 1] images
+
+
+@needs_data
+def test_real_images_for_an_fid_reference(quick_images, tmp_path):
+    """`python toy.py cifar10-16 --real-npz PATH` writes the pooled training images in the layout
+    fid.py reads, so `fid.py ref --data PATH` makes the 16x16 reference."""
+    import fid
+    n = toy.save_real_npz('cifar10-16', tmp_path / 'real.npz')
+    s = toy.teacher_settings('cifar10-16')
+    x = toy.image_data(s['source'], s['resolution'], s['max_images'])[0]
+    assert n == len(x) == 1000 and torch.equal(fid.load_images_npz(tmp_path / 'real.npz'), x)
