@@ -186,8 +186,8 @@ def train_teacher(settings, device='cpu', progress=True):
 
 # The recipe of each image world. cifar10-16 was sized by a calibration run that estimated 325
 # img/s on 2 CPU cores (153 kimg already gave CIFAR-like Heun samples); this recipe measures 116
-# img/s at batch 128 on 2 quiet cores, so its 200 kimg take ~29 minutes: DDPM++ at 1/4 of EDM's width, two levels of down-sampling,
-# attention at 8x8, no dropout. Adam at lr 2e-3 after a short linear warm-up (EDM ramps its lr up
+# img/s at batch 128 on 2 quiet cores, so its 200 kimg take ~29 minutes. DDPM++ at 1/4 of EDM's
+# width, two levels of down-sampling, attention at 8x8, no dropout. Adam at lr 2e-3 after a short linear warm-up (EDM ramps its lr up
 # over 10 Mimg; a short run needs a shorter ramp), and an EMA whose decay grows as
 # (1 + i) / (10 + i) up to `ema_max` (a short run's stand-in for EDM's ramped half-life).
 # cifar10-32 is the same code for a GPU (bf16 autocast: use_fp16) at EDM's resolution: about

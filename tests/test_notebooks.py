@@ -13,7 +13,6 @@ import ast
 import json
 
 import pytest
-
 from conftest import ROOT, SHARED_DATA
 
 NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
