@@ -248,7 +248,7 @@ def _is_file(spec, *suffixes):
 
 
 def _load_toy(spec, device):
-    """A toy teacher (2-D: ~30 s; toy:cifar10-16: ~30 min on 2 cores), trained once
+    """A toy teacher (2-D: ~30 s; toy:cifar10-16: ~16 min on 2 cores), trained once
     (toy.train_teacher) and cached in <download cache>/toy under a hash of its settings, so tests,
     notebooks and every CLI share one copy."""
     name, _, flag = spec[4:].partition(':')

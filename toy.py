@@ -7,8 +7,8 @@ optionally with label dropout so it also serves as its own unconditional model f
 classifier-free guidance.
 
 Images. `cifar10-16` is CIFAR-10 average-pooled 2x2 to 16x16 with EDM's DDPM++ (`unet.SongUNet`,
-1.75M parameters), EDM's preconditioning and loss, random x-flips and an EMA: 200 kimg, about 29
-minutes on two quiet CPU cores (116 img/s, benchmarks/image_results.py), and its 35-NFE Heun
+1.75M parameters), EDM's preconditioning and loss, random x-flips and an EMA: 200 kimg, about 16
+minutes on two quiet CPU cores (100 kimg of this recipe measured 7.8 min), and its 35-NFE Heun
 samples look like CIFAR-10 at 16x16 (notebook 04). `cifar10-32` is the
 same code at full resolution with a wider net, for a GPU. The images come from the official
 CIFAR-10 archive (data.load_cifar10), or from an EDM-style zip or folder named by $SFD_CIFAR10.
@@ -25,7 +25,7 @@ As model specs (models.py) `toy:<world>` and `toy:<world>:cond` are trained once
 
     python toy.py ring              # train a ring teacher (about 30 s) and print every
                                     # solver's fidelity at a few NFE
-    python models.py toy:cifar10-16 # train (once, ~30 min on 2 cores) and cache the image teacher
+    python models.py toy:cifar10-16 # train (once, ~16 min on 2 cores) and cache the image teacher
     python toy.py cifar10-16 --real-npz real16.npz   # its real 16x16 images, for `fid.py ref`
 """
 
@@ -185,10 +185,11 @@ def train_teacher(settings, device='cpu', progress=True):
 # ---------------------------------------------------------------------------------------------
 
 # The recipe of each image world. cifar10-16 was sized by a calibration run that estimated 325
-# img/s on 2 CPU cores (153 kimg already gave CIFAR-like Heun samples); this recipe measures 116
-# img/s at batch 128 on 2 quiet cores, so its 200 kimg take ~29 minutes. DDPM++ at 1/4 of EDM's
-# width, two levels of down-sampling, attention at 8x8, no dropout. Adam at lr 2e-3 after a short linear warm-up (EDM ramps its lr up
-# over 10 Mimg; a short run needs a shorter ramp), and an EMA whose decay grows as
+# img/s on 2 CPU cores (153 kimg already gave CIFAR-like Heun samples); a 100 kimg run of this
+# recipe took 7.8 min on 2 quiet cores (214 img/s), so its 200 kimg take ~16 min. DDPM++ at 1/4
+# of EDM's width, two levels of down-sampling, attention at 8x8, no dropout. Adam at lr 2e-3
+# after a short linear warm-up (EDM ramps its lr up over 10 Mimg; a short run needs a shorter
+# ramp), and an EMA whose decay grows as
 # (1 + i) / (10 + i) up to `ema_max` (a short run's stand-in for EDM's ramped half-life).
 # cifar10-32 is the same code for a GPU (bf16 autocast: use_fp16) at EDM's resolution: about
 # 8 minutes on one large GPU, never run here.
