@@ -96,7 +96,7 @@ def caption_data(net, images, captions):
     the images through the VAE (a posterior draw) and the captions through CLIP, on net's device."""
     if net.vae is None or not net.text:
         raise ValueError('captioned training data are for text-to-image latent models (VAE, text encoder)')
-    pairs, size = coco_pairs(captions, images), latent._image_shape(net)[1]
+    pairs, size = coco_pairs(captions, images), net.image_shape[1]
 
     def draw(n, g):
         idx = torch.randint(len(pairs), (n,), generator=g).tolist()

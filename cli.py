@@ -122,12 +122,6 @@ def device(name='auto'):
     return dev
 
 
-def autocast(dev):
-    """bf16 autocast on CUDA (EDMPrecond keeps its preconditioning in float32); off elsewhere."""
-    dev = torch.device(dev)
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
-
-
 def init_distributed(dev):
     """(rank, world size, this process's device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK:
     each process then takes GPU LOCAL_RANK and joins the group (NCCL on CUDA, gloo on a CPU)."""

@@ -9,11 +9,13 @@ Three things live here, and nothing else in the project opens a URL or an archiv
 * `ImageZipDataset(path)` -- a zip or folder of images with optional `dataset.json` labels,
   the layout written by EDM's `dataset_tool.py`.
 
-Pickled files are read with a restricted unpickler: loading data never executes code.
+Pickled files are read with `RestrictedUnpickler`, which builds only the globals of an allow-list
+(models.py and inception.py read NVIDIA's network files with it too): loading never executes code.
 
 Run `python data.py cifar10` to download and summarise the training set.
 """
 
+import codecs
 import hashlib
 import io
 import json
@@ -134,34 +136,56 @@ def download(url, sha256=None, cache_dir=None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Restricted unpickling: numpy arrays and plain containers only
+# Restricted unpickling: a pickle may name any function to call; only allow-listed ones are built
 # ---------------------------------------------------------------------------------------------
+# A pickle is a small program: GLOBAL module.name imports an object and REDUCE calls it, so loading
+# an untrusted pickle with pickle.load can run anything (os.system). Every reader of this project
+# (CIFAR-10 batches here, NVIDIA's EDM networks in models.py, the TorchScript Inception archive in
+# inception.py) goes through one class that resolves a global only from its allow-list.
 
-class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists and numpy arrays; any other global is refused, never imported."""
+class RestrictedUnpickler(pickle.Unpickler):
+    """An Unpickler that builds only the globals of its allow-list; any other is refused, never imported.
 
-    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-               ('numpy', 'ndarray'), ('numpy', 'dtype'),
-               ('_codecs', 'encode')}  # how Python 3 writes bytes at protocol 2 (harmless)
+    allowed: {(module, name): the object to use}, often a harmless stand-in for the real one.
+    what: what the file should be, for the error ('refusing global os.system: not part of <what>').
+    A subclass may override `lookup` to allow a whole family of names (inception.py's).
+    """
+
+    def __init__(self, file, allowed, what, **kwargs):
+        super().__init__(file, **kwargs)
+        self.allowed, self.what = allowed, what
+
+    def lookup(self, module, name):
+        """The object a pickle's global module.name stands for, or None (refused)."""
+        return self.allowed.get((module, name))
 
     def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'refusing to load global {module}.{name} from a data file')
-        if module == '_codecs':
-            import codecs
-            return codecs.encode
-        if name == '_reconstruct':  # numpy's array rebuilder; numpy 2 moved numpy.core to _core
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
+        found = self.lookup(module, name)
+        if found is None:
+            raise pickle.UnpicklingError(f'refusing global {module}.{name}: not part of {self.what}')
+        return found
+
+
+def _numpy_reconstruct():
+    """numpy's array rebuilder (numpy 2 moved numpy.core to numpy._core)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+# Dicts, lists and numpy arrays: what CIFAR-10's batches hold.
+NUMPY_GLOBALS = {**dict.fromkeys([('numpy.core.multiarray', '_reconstruct'),
+                                   ('numpy._core.multiarray', '_reconstruct')], _numpy_reconstruct()),
+                 ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+                 ('_codecs', 'encode'): codecs.encode}  # how Python 3 writes bytes at protocol 2 (harmless)
 
 
 def _safe_pickle_load(data: bytes):
     # CIFAR-10's batches were pickled by Python 2: byte-string keys, hence encoding='bytes'.
-    return _NumpyUnpickler(io.BytesIO(data), encoding='bytes').load()
+    return RestrictedUnpickler(io.BytesIO(data), NUMPY_GLOBALS, 'a data file of numpy arrays',
+                               encoding='bytes').load()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,29 +341,29 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     return storage.as_strided(size, stride, offset)
 
 
-class _TorchScriptUnpickler(pickle.Unpickler):
+# The library functions a TorchScript data.pkl names (data.RestrictedUnpickler's allow-list).
+TORCHSCRIPT_GLOBALS = {('collections', 'OrderedDict'): collections.OrderedDict,
+                       ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+                       # List[int] etc. attributes (e.g. a padding of [0, 3]) are pickled through these
+                       **{('torch.jit._pickle', f'build_{k}list'): list
+                          for k in ('int', 'double', 'bool', 'tensor')}}
+
+
+class _TorchScriptUnpickler(data.RestrictedUnpickler):
     """Unpickles a TorchScript data.pkl into _Module records and tensors; refuses any other global."""
 
-    LIBRARY = {('collections', 'OrderedDict'): collections.OrderedDict,
-               ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-               # List[int] etc. attributes (e.g. a padding of [0, 3]) are pickled through these
-               **{('torch.jit._pickle', f'build_{k}list'): list for k in ('int', 'double', 'bool', 'tensor')}}
-
     def __init__(self, file, archive, root):
-        super().__init__(file)
+        super().__init__(file, TORCHSCRIPT_GLOBALS, 'a TorchScript weights archive')
         self.archive, self.root, self.classes = archive, root, {}
 
-    def find_class(self, module, name):
+    def lookup(self, module, name):
         if module == '__torch__' or module.startswith('__torch__.'):
             # One empty Python class per TorchScript class name: building it runs nothing.
             key = f'{module}.{name}'
             return self.classes.setdefault(key, type(name, (_Module,), {'torch_class': key}))
         if module == 'torch' and name in _STORAGES:
             return _StorageType(_STORAGES[name])
-        if (module, name) in self.LIBRARY:
-            return self.LIBRARY[module, name]
-        raise pickle.UnpicklingError(f'refusing global {module}.{name}: not part of a TorchScript weights '
-                                     f'archive')
+        return super().lookup(module, name)
 
     def persistent_load(self, pid):
         # ('storage', torch.FloatStorage, '<key>', 'cpu', element count) -> a 1-D tensor of it

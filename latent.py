@@ -7,34 +7,29 @@ sqrt(1 - abar_j) eps. Dividing by sqrt(abar_j) gives this project's form (SFD pa
 
 so the same network is a denoiser D(x, sigma) that every solver of solvers.py integrates. `wrap`
 turns a diffusers UNet (UNet2DConditionModel for text, UNet2DModel for pixels; epsilon-, v- or
-sample-prediction) and its scheduler's `alphas_cumprod` into such a module; the VAE, the CLIP text
-encoder and the tokenizer travel with it (decode latents to images, prompts to embeddings), and
-`guided` is classifier-free guidance (SFD Eq. 9 with omega = 1 + Meng's w). `load` reads a hub id
-or a saved pipeline folder with diffusers' own from_pretrained. diffusers and transformers are an
-optional extra (`pip install -r requirements-latent.txt`); this module imports without them.
+sample-prediction) and its scheduler's `alphas_cumprod` into such a `Denoiser` (the protocol of
+models.py); the VAE, the CLIP text encoder and the tokenizer travel with it (decode latents to
+images, prompts to embeddings), and `guided` is classifier-free guidance (SFD Eq. 9 with omega =
+1 + Meng's w). Reading a hub id or a saved pipeline, and the folder format of distilled students,
+are hub.py's; prompts, captioned training images and the CLIP score are captions.py's.
+diffusers and transformers are an optional extra (`pip install -r requirements-latent.txt`); this
+module imports without them.
 
-Parity: with the grid `schedule(n)`, the start x = sqrt(1 + t_max^2) z and the last step to 0,
-`solvers.sample(..., 'dpmpp2m')` is diffusers' DPMSolverMultistepScheduler loop and 'euler' over
-`schedule(n, 'leading', 'sigma_min')` is its DDIMScheduler loop (tests/test_latent.py).
+Parity: with diffusers' grid `discrete_grid(n)`, the start x = sqrt(1 + t_max^2) z and the last
+step to 0, `solvers.sample(..., 'dpmpp2m')` is diffusers' DPMSolverMultistepScheduler loop and
+'euler' over `discrete_grid(n, 'leading', 'sigma_min')` is its DDIMScheduler loop
+(tests/test_latent.py).
 
 Students (distill.py, guided_pd.py): SFD-v's step N or Meng's w enters through the UNet's
-`time_cond_proj_dim` projection, zero-initialised (an exact no-op); `save_student` writes the UNet
-with save_pretrained (safetensors, diffusers reads it) next to the sampling recipe and the base
-pipeline it shares the VAE and text encoder with; such a folder is a model spec. Prompts,
-captioned training images and the CLIP score are captions.py's.
+`time_cond_proj_dim` projection, zero-initialised (an exact no-op), and SFD's latent students
+use `schedule(n, t_min, t_max, UNIFORM)`, uniform in the UNet's timestep (SFD App. D.2).
 
     python latent.py              # SD v1.5's noise levels and its default DPM-Solver++(2M) grid
-    python latent.py stable-diffusion-v1-5/stable-diffusion-v1-5    # load it, print its metadata
 """
 
 import contextlib
-import json
 import math
-import os
-import re
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,8 +37,6 @@ import torch
 EXTRA = 'pip install -r requirements-latent.txt'
 SPACINGS = ('linspace', 'leading', 'trailing')
 PREDICTIONS = ('epsilon', 'v_prediction', 'sample')
-# What load() takes from a pipeline; everything else (safety checker, feature extractor) is skipped.
-COMPONENTS = ('unet', 'scheduler', 'vae', 'vqvae', 'text_encoder', 'tokenizer')
 
 
 class MissingExtra(ImportError, ValueError):
@@ -182,7 +175,7 @@ def discrete_schedule(sigmas, timesteps, final='zero'):
     return torch.cat([sigmas[torch.as_tensor(list(timesteps))], last])
 
 
-UNIFORM = 'discrete_uniform'  # the schedule kind of `uniform_schedule` in recipes and distill.py
+UNIFORM = 'discrete_uniform'  # the grid kind of `uniform_schedule` (`Denoiser.schedule`) in recipes
 
 
 def uniform_schedule(n, t_min, t_max, sigmas, rho=1.0):
@@ -203,8 +196,14 @@ def uniform_schedule(n, t_min, t_max, sigmas, rho=1.0):
     return t
 
 
+def init_scale(t_max):
+    """diffusers' start: latents z ~ N(0, I) at abar_T are x = z / sqrt(abar) = sqrt(1 + t_max^2) z
+    (the solvers' own convention is t_max z, 0.23 % smaller at SD's t_max = 14.61)."""
+    return math.sqrt(1 + float(t_max) ** 2)
+
+
 # ---------------------------------------------------------------------------------------------
-# The denoiser
+# The pieces around the UNet call: the extra condition, the D form of the output, prompts, VAE
 # ---------------------------------------------------------------------------------------------
 
 COND_DIM = 256  # sinusoid channels fed to cond_proj (diffusers' LCM script's default)
@@ -232,6 +231,90 @@ def condition_embedding(kind, value, B, dim, device='cpu'):
     return torch.nn.functional.pad(e, (0, dim % 2))
 
 
+def add_condition_projection(unet, dim):
+    """Give a UNet2DConditionModel diffusers' `time_cond_proj_dim` projection, zeroed.
+
+    cond_proj (dim -> the 320 sinusoid channels for SD) adds its output to the sinusoidal timestep
+    features before the time MLP, so every block sees the condition the way it sees the time step
+    (SFD App. D.1; as diffusers' LCM script embeds w, which leaves it randomly initialised). A zero
+    weight adds an exact 0: the student starts as the teacher bit for bit, and the weight still
+    gets a gradient.
+    """
+    emb = unet.time_embedding
+    p = emb.linear_1.weight
+    emb.cond_proj = torch.nn.Linear(dim, emb.linear_1.in_features, bias=False).to(p)
+    torch.nn.init.zeros_(emb.cond_proj.weight)
+    unet.register_to_config(time_cond_proj_dim=dim)  # so save_pretrained / from_pretrained keep it
+
+
+def denoised(x, sigma, out, prediction_type):
+    """D(x; sigma) from the UNet's output at z = c_in x, c_in = 1 / sqrt(1 + sigma^2) (sfd
+    networks_edm.py, k-diffusion external.py; EDM with sigma_data = 1 for v). sigma: [B, 1, ...]."""
+    if prediction_type == 'epsilon':  # x = x0 + sigma eps
+        return x - sigma * out
+    if prediction_type == 'v_prediction':  # v = alpha eps - sigma_vp x0, sigma_vp = sigma alpha
+        return x / (1 + sigma ** 2) - sigma * (1 / (1 + sigma ** 2).sqrt()) * out
+    return out  # 'sample': the output is x0
+
+
+def encode_text(tokenizer, text_encoder, prompts):
+    """CLIP embeddings [len(prompts), L, D] of the tokenizer's padded ids (L = model_max_length,
+    77 for SD; longer prompts are truncated), exactly as StableDiffusionPipeline.encode_prompt
+    computes them; [""] gives the unconditional branch. On the text encoder's device."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError('prompts must be a non-empty list of strings')
+    L = tokenizer.model_max_length
+    if not 0 < L < 100_000:
+        raise ValueError(f'the tokenizer has no usable model_max_length ({L}): set it (77 for CLIP)')
+    ids = tokenizer(prompts, padding='max_length', max_length=L, truncation=True, return_tensors='pt')
+    device = next(text_encoder.parameters()).device
+    use_mask = getattr(text_encoder.config, 'use_attention_mask', False)
+    mask = ids.attention_mask.to(device) if use_mask else None
+    with torch.no_grad():
+        return text_encoder(ids.input_ids.to(device), attention_mask=mask)[0]
+
+
+def _vae_scale(vae):
+    """(scaling_factor, shift_factor) of a VAE: latent = (vae latent - shift) * scale."""
+    cfg = vae.config
+    return float(cfg.get('scaling_factor', 1.0)), float(cfg.get('shift_factor', None) or 0.0)
+
+
+def vae_encode(vae, images, generator=None, sample=True):
+    """Latents of images [B, 3, H, W] in [-1, 1]: a draw from the VAE posterior (its mean with
+    sample=False), shifted and multiplied by the scaling factor (0.18215 for SD)."""
+    p = next(vae.parameters())
+    out = vae.encode(images.to(device=p.device, dtype=p.dtype))
+    if hasattr(out, 'latent_dist'):
+        h = out.latent_dist.sample(generator) if sample else out.latent_dist.mode()
+    else:
+        h = out.latents  # VQModel: deterministic
+    scale, shift = _vae_scale(vae)
+    return ((h - shift) * scale).to(device=images.device, dtype=images.dtype)
+
+
+def vae_decode(vae, z, batch=8):
+    """Images [B, 3, H, W], about [-1, 1] (unclamped), of latents z: the VAE decodes z / scale + shift,
+    `batch` latents at a time."""
+    p = next(vae.parameters())
+    scale, shift = _vae_scale(vae)
+    out = [vae.decode((c / scale + shift).to(device=p.device, dtype=p.dtype)).sample for c in z.split(batch)]
+    return torch.cat(out).to(device=z.device, dtype=z.dtype)
+
+
+def _check_unet(config, prediction_type):
+    """One clear error for a UNet or prediction type with no EDM form here."""
+    if prediction_type not in PREDICTIONS:
+        raise ValueError(f'unknown prediction_type {prediction_type!r}; choose one of {PREDICTIONS}')
+    for key in 'addition_embed_type', 'class_embed_type', 'num_class_embeds':
+        if config.get(key) is not None:
+            raise ValueError(f'UNets with {key}={config.get(key)!r} (extra conditions such as SDXL\'s or '
+                             'class labels) are not supported: use a plain text or unconditional UNet')
+    if config.get('time_embedding_type', 'positional') != 'positional':
+        raise ValueError('this UNet embeds a continuous noise level (score-SDE style), not a timestep')
+
+
 class _Parts:
     """The frozen parts around the UNet (VAE, text encoder, tokenizer). Kept out of the module tree,
     so parameters(), state_dict(), optimisers and DDP see the UNet only; a deepcopy (a student made
@@ -256,33 +339,30 @@ def _batch(t, B, what):
     raise ValueError(f'{what} has batch {t.shape[0]}, the samples {B}: give one row or one per sample')
 
 
+# ---------------------------------------------------------------------------------------------
+# The denoiser
+# ---------------------------------------------------------------------------------------------
+
 class Denoiser(torch.nn.Module):
-    """A diffusers UNet as D(x, sigma) (project protocol); build with `wrap` or `load`.
+    """A diffusers UNet as D(x, sigma), the denoiser protocol of models.py; build with `wrap` or hub.load.
 
     x = z / sqrt(abar), sigma = sqrt((1 - abar) / abar). The UNet sees z = c_in x, c_in =
     1 / sqrt(1 + sigma^2), at the timestep tau(sigma) of `timestep_from_sigma`, and its output
-    becomes D (sfd networks_edm.py, k-diffusion external.py; EDM with sigma_data = 1 for v):
+    becomes D (`denoised`):
         epsilon        D = x - sigma eps                        (c_skip = 1, c_out = -sigma)
         v_prediction   D = x / (1 + sigma^2) - sigma c_in v     (x0 = alpha z - sigma_vp v)
         sample         D = the output
     A student (`enable_step_condition`, `enable_guidance_condition`) also takes SFD-v's step= or
     Meng's guidance= through the UNet's `time_cond_proj_dim` projection.
     """
-    label_dim = 0
+    label_dim = 0     # no class labels: a text UNet is conditioned through encoder_hidden_states
     sigma_data = 1.0  # EDM's sigma_data of this form (v-prediction = EDM with 1); latents have unit scale
 
     def __init__(self, unet, alphas_cumprod, prediction_type='epsilon', steps_offset=0, vae=None,
                  text_encoder=None, tokenizer=None, use_fp16=False, scheduler=None):
         super().__init__()
         config = unet.config
-        if prediction_type not in PREDICTIONS:
-            raise ValueError(f'unknown prediction_type {prediction_type!r}; choose one of {PREDICTIONS}')
-        for key in 'addition_embed_type', 'class_embed_type', 'num_class_embeds':
-            if config.get(key) is not None:
-                raise ValueError(f'UNets with {key}={config.get(key)!r} (extra conditions such as SDXL\'s or '
-                                 'class labels) are not supported: use a plain text or unconditional UNet')
-        if config.get('time_embedding_type', 'positional') != 'positional':
-            raise ValueError('this UNet embeds a continuous noise level (score-SDE style), not a timestep')
+        _check_unet(config, prediction_type)
         self.unet = unet
         self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)  # [T] increasing, float64, CPU
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().cpu().to(torch.float64)
@@ -294,17 +374,17 @@ class Denoiser(torch.nn.Module):
         size = [size, size] if isinstance(size, int) else list(size)
         self.shape = [config['in_channels'], *size]  # [C, H, W] of x (latents, or pixels without a VAE)
         self.img_channels, self.img_resolution = config['in_channels'], size[0]
+        if self.text and (text_encoder is None) != (tokenizer is None):
+            raise ValueError('give both text_encoder and tokenizer, or neither')
         for m in (vae, text_encoder):
             if m is not None:
                 m.eval().requires_grad_(False)
-        if self.text and (text_encoder is None) != (tokenizer is None):
-            raise ValueError('give both text_encoder and tokenizer, or neither')
         self._parts = _Parts(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self._knots = {}  # device -> sigmas there (searched on every call)
         # A UNet with a cond_proj is read as StableDiffusionPipeline reads it: an input for Meng's w.
         self.condition = 'guidance' if config.get('time_cond_proj_dim') else None
         self.prior = 'vp'  # from sqrt(1 + t_max^2) z, decode the VP latent (diffusers); 'edm': t_max z, x
-        self.base = None   # the pipeline spec the VAE, text encoder and tokenizer come from (`load`)
+        self.base = None   # the pipeline spec the VAE, text encoder and tokenizer come from (hub.load)
 
     vae = property(lambda self: self._parts.vae)
     text_encoder = property(lambda self: self._parts.text_encoder)
@@ -319,6 +399,8 @@ class Denoiser(torch.nn.Module):
             m._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
+    # --- noise levels: sigma -> timestep, this model's grids ------------------------------
+
     def timestep(self, sigma):
         """tau(sigma) of `timestep_from_sigma` on this model's levels (float64)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
@@ -326,7 +408,7 @@ class Denoiser(torch.nn.Module):
             self._knots[sigma.device] = self.sigmas.to(sigma.device)
         return timestep_from_sigma(sigma, self._knots[sigma.device])
 
-    def schedule(self, n, spacing='linspace', final='zero'):
+    def discrete_grid(self, n, spacing='linspace', final='zero'):
         """Diffusers' n-step grid for this model as t_steps (float64), see `discrete_timesteps`.
 
         Default: DPMSolverMultistepScheduler's (linspace, ending at 0), the grid of `recipe`;
@@ -335,17 +417,21 @@ class Denoiser(torch.nn.Module):
         timesteps = discrete_timesteps(n, self.T, spacing, self.steps_offset)
         return discrete_schedule(self.sigmas, timesteps, final)
 
+    def schedule(self, n, t_min, t_max, kind=UNIFORM, rho=1.0):
+        """The protocol's grid of a kind of this model's own: n + 1 levels t_max .. t_min (float64).
+        UNIFORM (the only one): `uniform_schedule`, SFD's schedule for latent students."""
+        if kind != UNIFORM:
+            raise ValueError(f'unknown schedule {kind!r} for a diffusers model: its own kind is {UNIFORM!r} '
+                             '(the others are solvers.time_schedule\'s)')
+        return uniform_schedule(n, t_min, t_max, self.sigmas, rho)
+
     def recipe(self, nfe=25):
-        """The default sampling recipe as a plain dict: DPM-Solver++(2M) on `schedule(nfe)`, as
+        """The default sampling recipe as a plain dict: DPM-Solver++(2M) on `discrete_grid(nfe)`, as
         diffusers' DPMSolverMultistepScheduler samples SD (one call per step; the step to 0 is D).
-        'schedule': 'discrete' means "this model's grid": the explicit `t_steps`, or `schedule(n)`."""
-        t = self.schedule(nfe)
+        'schedule': 'discrete' means "this model's grid": the explicit `t_steps`, or `discrete_grid(n)`."""
+        t = self.discrete_grid(nfe)
         return dict(solver='dpmpp2m', nfe=int(nfe), afs=False, schedule='discrete', rho=1.0,
                     t_min=self.sigma_min, t_max=self.sigma_max, ends_at_zero=True, t_steps=t.tolist())
-
-    def uniform_schedule(self, n, t_min, t_max, rho=1.0):
-        """`uniform_schedule` on this model's levels: SFD's schedule for latent students."""
-        return uniform_schedule(n, t_min, t_max, self.sigmas, rho)
 
     def check_levels(self, t_min, t_max):
         """t_max (0: sigma_max) of a training grid [t_min, t_max], checked against the trained levels."""
@@ -366,33 +452,23 @@ class Denoiser(torch.nn.Module):
         return self._enable('guidance', dim)
 
     def _enable(self, kind, dim):
-        """Give the UNet diffusers' `time_cond_proj_dim` projection, zeroed: cond_proj (dim -> the
-        320 sinusoid channels for SD) adds its output to the sinusoidal timestep features before the
-        time MLP, so every block sees the condition the way it sees the time step (SFD App. D.1; as
-        diffusers' LCM script embeds w, which leaves it randomly initialised). A zero weight adds an
-        exact 0: the student starts as the teacher bit for bit, and the weight still gets a gradient."""
+        """Take `kind`= through `add_condition_projection`; the UNet has room for one such condition."""
         if self.condition == kind:
             return self
         if self.condition is not None:
             raise ValueError(f'this model already takes {self.condition}= through its one time_cond_proj_dim '
                              f'projection: it cannot take {kind}= as well')
-        emb = getattr(self.unet, 'time_embedding', None)
-        if not hasattr(emb, 'cond_proj') or not self.text:
+        if not hasattr(getattr(self.unet, 'time_embedding', None), 'cond_proj') or not self.text:
             raise ValueError(f'{kind}= needs a UNet2DConditionModel (its time_cond_proj_dim); '
                              f'{type(self.unet).__name__} has none')
-        p = emb.linear_1.weight
-        emb.cond_proj = torch.nn.Linear(dim, emb.linear_1.in_features, bias=False).to(p)
-        torch.nn.init.zeros_(emb.cond_proj.weight)
-        self.unet.register_to_config(time_cond_proj_dim=dim)  # so save_pretrained / from_pretrained keep it
+        add_condition_projection(self.unet, dim)
         self.condition = kind
         return self
 
-    def forward(self, x, sigma, encoder_hidden_states=None, class_labels=None, step=None, guidance=None,
-                force_fp32=False):
-        """D(x; sigma). x [B, C, H, W]; sigma a float or [B] in [sigma_min, sigma_max];
-        encoder_hidden_states [B or 1, L, D] (text UNets only: `encode_prompts`, the empty prompt
-        for the unconditional branch). Float64 arithmetic for float64 x, else float32; the UNet in
-        its own dtype (bf16 autocast on CUDA with use_fp16)."""
+    # --- D(x; sigma) --------------------------------------------------------------------------
+
+    def _check_inputs(self, x, encoder_hidden_states, class_labels, step, guidance):
+        """One clear error for a condition this model does not take, or a missing prompt embedding."""
         for name, value in ('class_labels', class_labels), ('step', step), ('guidance', guidance):
             if value is not None and name != self.condition:
                 raise ValueError(f'{name}= is not a condition of this diffusers model')
@@ -401,9 +477,29 @@ class Denoiser(torch.nn.Module):
                              '([...]); the empty prompt [""] is the unconditional branch)')
         if not self.text and encoder_hidden_states is not None:
             raise ValueError('this UNet is not text-conditioned: it takes no encoder_hidden_states')
-        B = x.shape[0]
         if x.ndim != 4 or x.shape[1] != self.shape[0]:
             raise ValueError(f'this model takes x [B, {self.shape[0]}, H, W], got {list(x.shape)}')
+
+    def _unet_conditions(self, B, device, dtype, encoder_hidden_states, value):
+        """The UNet's keyword inputs: the prompt embeddings, and SFD-v's N or Meng's w as sinusoids
+        into the zero-initialised cond_proj (`timestep_cond`)."""
+        kwargs = {}
+        if self.text:
+            h = _batch(encoder_hidden_states, B, 'encoder_hidden_states')
+            kwargs['encoder_hidden_states'] = h.to(dtype)
+        if value is not None:
+            dim = self.unet.config['time_cond_proj_dim']
+            kwargs['timestep_cond'] = condition_embedding(self.condition, value, B, dim, device).to(dtype)
+        return kwargs
+
+    def forward(self, x, sigma, encoder_hidden_states=None, class_labels=None, step=None, guidance=None,
+                force_fp32=False):
+        """D(x; sigma). x [B, C, H, W]; sigma a float or [B] in [sigma_min, sigma_max];
+        encoder_hidden_states [B or 1, L, D] (text UNets only: `encode_prompts`, the empty prompt
+        for the unconditional branch). Float64 arithmetic for float64 x, else float32; the UNet in
+        its own dtype (bf16 autocast on CUDA with use_fp16)."""
+        self._check_inputs(x, encoder_hidden_states, class_labels, step, guidance)
+        B = x.shape[0]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(B)
@@ -413,14 +509,8 @@ class Denoiser(torch.nn.Module):
         s = sigma.to(dtype).reshape(B, 1, 1, 1)
         c_in = 1 / (1 + s ** 2).sqrt()
         mdtype = next(self.unet.parameters()).dtype
-        kwargs = {}
-        if self.text:
-            h = _batch(encoder_hidden_states, B, 'encoder_hidden_states')
-            kwargs['encoder_hidden_states'] = h.to(mdtype)
-        value = step if self.condition == 'step' else guidance
-        if value is not None:  # SFD-v's N or Meng's w: sinusoids into the zero-initialised cond_proj
-            dim = self.unet.config['time_cond_proj_dim']
-            kwargs['timestep_cond'] = condition_embedding(self.condition, value, B, dim, x.device).to(mdtype)
+        kwargs = self._unet_conditions(B, x.device, mdtype, encoder_hidden_states,
+                                       step if self.condition == 'step' else guidance)
         amp = contextlib.nullcontext()
         if x.device.type == 'cuda' and self.use_fp16 and not force_fp32:
             amp = torch.autocast('cuda', torch.bfloat16)
@@ -428,72 +518,40 @@ class Denoiser(torch.nn.Module):
         with amp:
             out = self.unet((c_in * x).to(mdtype), tau.to(torch.float32), return_dict=False, **kwargs)[0]
         out = out[:, :self.shape[0]].to(dtype)  # learned-variance UNets append the variance channels
-        if self.prediction_type == 'epsilon':  # x = x0 + sigma eps
-            return x - s * out
-        if self.prediction_type == 'v_prediction':  # v = alpha eps - sigma_vp x0, sigma_vp = sigma alpha
-            return x / (1 + s ** 2) - s * c_in * out
-        return out
+        return denoised(x, s, out, self.prediction_type)
 
-    # --- prompts -> embeddings --------------------------------------------------------------
+    # --- prompts -> embeddings; the VAE: images in [-1, 1] <-> latents ------------------------
 
     def encode_prompts(self, prompts):
-        """CLIP embeddings [len(prompts), L, D] of the tokenizer's padded ids (L = model_max_length,
-        77 for SD; longer prompts are truncated), exactly as StableDiffusionPipeline.encode_prompt
-        computes them; [""] gives the unconditional branch. On the UNet's device."""
+        """`encode_text`'s CLIP embeddings [len(prompts), L, D] of prompts, on the UNet's device."""
         if not self.text or self.text_encoder is None:
             raise ValueError('this model has no text encoder: it takes no prompts' if not self.text else
                              'this text UNet was wrapped without text_encoder= and tokenizer=')
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError('prompts must be a non-empty list of strings')
-        L = self.tokenizer.model_max_length
-        if not 0 < L < 100_000:
-            raise ValueError(f'the tokenizer has no usable model_max_length ({L}): set it (77 for CLIP)')
-        ids = self.tokenizer(prompts, padding='max_length', max_length=L, truncation=True,
-                             return_tensors='pt')
-        te = self.text_encoder
-        device = next(te.parameters()).device
-        mask = ids.attention_mask.to(device) if getattr(te.config, 'use_attention_mask', False) else None
-        with torch.no_grad():
-            h = te(ids.input_ids.to(device), attention_mask=mask)[0]
+        h = encode_text(self.tokenizer, self.text_encoder, prompts)
         return h.to(next(self.unet.parameters()).device)
 
-    # --- the VAE: images in [-1, 1] <-> latents ---------------------------------------------
-
-    def _scale(self):
-        """(scaling_factor, shift_factor) of the VAE: latent = (vae latent - shift) * scale."""
+    @property
+    def image_shape(self):
+        """[C, H, W] of the decoded images (the VAE up-samples 2^(levels - 1) times), or x's shape."""
+        if self.vae is None:
+            return list(self.shape)
         cfg = self.vae.config
-        return float(cfg.get('scaling_factor', 1.0)), float(cfg.get('shift_factor', None) or 0.0)
+        f = 2 ** (len(cfg.block_out_channels) - 1)
+        return [cfg.out_channels, self.shape[1] * f, self.shape[2] * f]
 
     def encode(self, images, generator=None, sample=True):
-        """Latents of images [B, 3, H, W] in [-1, 1]: a draw from the VAE posterior (its mean with
-        sample=False), shifted and multiplied by the scaling factor (0.18215 for SD)."""
-        if self.vae is None:
-            return images  # a pixel-space model: the data are the images
-        vae = self.vae
-        p = next(vae.parameters())
-        out = vae.encode(images.to(device=p.device, dtype=p.dtype))
-        if hasattr(out, 'latent_dist'):
-            h = out.latent_dist.sample(generator) if sample else out.latent_dist.mode()
-        else:
-            h = out.latents  # VQModel: deterministic
-        scale, shift = self._scale()
-        return ((h - shift) * scale).to(device=images.device, dtype=images.dtype)
+        """The data x0 of images [B, 3, H, W] in [-1, 1]: `vae_encode`'s latents, or the images
+        themselves for a pixel-space model."""
+        return images if self.vae is None else vae_encode(self.vae, images, generator, sample)
 
     def decode(self, x, sigma=0.0, batch=8):
         """Images [B, 3, H, W], about [-1, 1] (unclamped), of a final state x at noise level sigma.
 
         The VP latent is z = x / sqrt(1 + sigma^2) (= x when the schedule ends at 0; DDIM stops at
-        sigma_0); the VAE decodes z / scale + shift, `batch` latents at a time.
+        sigma_0); `vae_decode` turns it into images, `batch` latents at a time.
         """
         z = x / math.sqrt(1 + float(sigma) ** 2)
-        if self.vae is None:
-            return z
-        vae, p = self.vae, next(self.vae.parameters())
-        scale, shift = self._scale()
-        out = [vae.decode((c / scale + shift).to(device=p.device, dtype=p.dtype)).sample
-               for c in z.split(batch)]
-        return torch.cat(out).to(device=x.device, dtype=x.dtype)
+        return z if self.vae is None else vae_decode(self.vae, z, batch)
 
 
 def wrap(unet, scheduler, prediction_type=None, vae=None, text_encoder=None, tokenizer=None, use_fp16=False):
@@ -543,235 +601,20 @@ def guided(denoiser, w, uncond):
     return D_w
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading: a hub id or a saved pipeline folder, through diffusers' own from_pretrained
-# ---------------------------------------------------------------------------------------------
-
-def _offline():
-    """True when Hugging Face downloads are switched off (HF_HUB_OFFLINE, read at call time)."""
-    import huggingface_hub.constants as c
-    env = os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on')
-    return env or bool(c.HF_HUB_OFFLINE)
-
-
-def _fetch(get, spec, hub):
-    """get(local_files_only) from the cache first; then (hub ids, online) with a download; else one error."""
-    try:
-        return get(True)
-    except (OSError, ValueError) as e:
-        if not hub:
-            raise ValueError(f'{spec}: cannot read the saved pipeline ({e})') from None
-        first = e
-    if not _offline():
-        try:
-            return get(False)
-        except Exception as e:  # no network, unknown repo, gated repo: all end here
-            first = e
-            while first.__cause__ or first.__context__:  # the root cause (diffusers rewords it)
-                first = first.__cause__ or first.__context__
-    import huggingface_hub.constants as c
-    why = 'HF_HUB_OFFLINE is set' if _offline() else f'{type(first).__name__}: {str(first)[:200]}'
-    raise ValueError(f'{spec!r} is not (completely) in the Hugging Face cache {c.HF_HUB_CACHE} and could '
-                     f'not be downloaded ({why}). Run the same command once with network access (it '
-                     f'downloads only the components it uses), or `hf download {spec}` on another machine '
-                     'and copy its cache here (HF_HOME or HF_HUB_CACHE choose the folder), or pass a folder '
-                     'written by pipeline.save_pretrained') from None
-
-
-_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
-
-
-def is_spec(spec):
-    """Does `spec` name a diffusers model: a folder with model_index.json (a pipeline) or diffdistill.json
-    (a student, `save_student`), or a hub id owner/name that is no local path and no model file?"""
-    spec, path = str(spec), Path(str(spec)).expanduser()
-    if path.exists():
-        return (path / 'model_index.json').is_file() or is_student(path)
-    return bool(_HUB_ID.fullmatch(spec)) and path.suffix not in ('.pt', '.pth', '.pkl')
-
-
-def is_student(spec):
-    """Is `spec` a folder written by `save_student`?"""
-    return (Path(str(spec)).expanduser() / STUDENT_FILE).is_file()
-
-
-def _read_pipeline(spec, dtype=None, names=COMPONENTS):
-    """(components by name, model_index.json) of a hub id or pipeline folder, each component read with
-    its own from_pretrained (cache first, then one download); only the named ones."""
-    diffusers, transformers = _require()
-    spec = str(spec)
-    folder = Path(spec).expanduser()
-    hub = not folder.exists()
-    if hub and not _HUB_ID.fullmatch(spec):
-        raise ValueError(f'{spec!r} is neither a folder nor a Hugging Face hub id (owner/name)')
-    if not hub and not (folder / 'model_index.json').is_file():
-        raise ValueError(f'{spec}: not a diffusers pipeline folder (no model_index.json); write one with '
-                         'pipeline.save_pretrained(folder)')
-    where = spec if hub else str(folder)
-    index = _fetch(lambda lfo: diffusers.DiffusionPipeline.load_config(where, local_files_only=lfo),
-                   spec, hub)
-    parts = {}
-    for name in names:
-        entry = index.get(name)
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
-            continue
-        lib, cls_name = entry
-        cls = getattr({'diffusers': diffusers, 'transformers': transformers}.get(lib), cls_name, None)
-        if cls is None:
-            raise ValueError(f'{spec}: component {name} is {lib}.{cls_name}; only classes of the installed '
-                             'diffusers and transformers are loaded')
-        kwargs = dict(subfolder=name)
-        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-            kwargs['dtype'] = dtype or torch.float32
-            if lib == 'diffusers':  # accelerate (optional) only speeds loading up; say nothing without it
-                kwargs['low_cpu_mem_usage'] = diffusers.utils.is_accelerate_available()
-        get = lambda lfo, cls=cls, kwargs=kwargs: cls.from_pretrained(where, local_files_only=lfo, **kwargs)
-        parts[name] = _fetch(get, spec, hub)
-    return parts, index
-
-
-def _assemble(unet, scheduler, parts, spec, use_fp16, prediction_type=None):
-    """wrap() with the pipeline's frozen parts, checked: a text UNet needs its text encoder."""
-    net = wrap(unet, scheduler, prediction_type, vae=parts.get('vae', parts.get('vqvae')),
-               text_encoder=parts.get('text_encoder'), tokenizer=parts.get('tokenizer'), use_fp16=use_fp16)
-    if net.text and net.text_encoder is None:
-        raise ValueError(f'{spec}: a text-conditioned UNet without text_encoder and tokenizer')
-    return net
-
-
-def load(spec, device='cpu', dtype=None, use_fp16=True):
-    """(Denoiser, meta) for a diffusers pipeline: a hub id ('stable-diffusion-v1-5/stable-diffusion-v1-5',
-    'google/ddpm-cifar10-32') or a folder with model_index.json; a student folder goes to `load_student`.
-
-    Only diffusers/transformers classes named by model_index.json are built (no code from the
-    model's files runs); the UNet, scheduler, VAE, text encoder and tokenizer are read one by one,
-    so a safety checker is never downloaded. dtype: the weights' dtype (default float32);
-    use_fp16: bf16 autocast for the UNet on CUDA. meta is a plain dict (see the README section).
-    """
-    if is_student(spec):
-        return load_student(spec, device, dtype, use_fp16)
-    parts, index = _read_pipeline(spec, dtype)
-    if 'unet' not in parts or 'scheduler' not in parts:
-        raise ValueError(f'{spec}: only UNet pipelines are supported (this one has {sorted(parts)})')
-    net = _assemble(parts['unet'], parts['scheduler'], parts, spec, use_fp16)
-    folder = Path(str(spec)).expanduser()
-    net.base = str(folder.resolve()) if folder.exists() else str(spec)  # what a student points back to
-    return net.to(device), describe(net, source=str(spec), pipeline=index.get('_class_name'))
-
-
-# ---------------------------------------------------------------------------------------------
-# Distilled students: saved the way diffusers saves a UNet, read back as a model spec
-# ---------------------------------------------------------------------------------------------
-
-STUDENT_FILE = 'diffdistill.json'
-STUDENT_FORMAT = 'diffdistill-diffusers-student-v1'
-
-
-def save_student(folder, net, prior=None, **meta):
-    """Write a distilled diffusers model so that diffusers itself reads it (atomically: built under a
-    temporary name, then swapped in):
-
-        folder/unet/              net.unet.save_pretrained: config.json (time_cond_proj_dim included)
-                                  and diffusion_pytorch_model.safetensors, i.e.
-                                  UNet2DConditionModel.from_pretrained(folder, subfolder='unet')
-        folder/scheduler/         the scheduler's config (the noise levels)
-        folder/diffdistill.json   base (the pipeline whose VAE, text encoder and tokenizer it uses),
-                                  condition, prior ('edm': sampled from t_max z; default net.prior),
-                                  prediction type, and `meta`: plain data, the sampling recipe and lineage
-    """
-    if net._parts.scheduler is None or net.base is None:
-        raise ValueError('save_student needs a Denoiser made by latent.load (its scheduler and base known)')
-    info = dict(format=STUDENT_FORMAT, base=net.base, condition=net.condition, prior=prior or net.prior,
-                prediction_type=net.prediction_type, meta=meta)
-    text = json.dumps(info, indent=1)  # TypeError now for anything that is not plain data
-    folder = Path(folder)
-    tmp, old = (folder.with_name(f'.{folder.name}.{what}{os.getpid()}') for what in ('tmp', 'old'))
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.unet.save_pretrained(tmp / 'unet')
-    net._parts.scheduler.save_pretrained(tmp / 'scheduler')
-    (tmp / STUDENT_FILE).write_text(text)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def load_student(folder, device='cpu', dtype=None, use_fp16=True):
-    """(Denoiser, meta) of a `save_student` folder: its UNet and scheduler, and the VAE, text encoder and
-    tokenizer of its base pipeline (read from the Hugging Face cache or that folder; its UNet is not
-    read). meta = `describe` updated with the stored meta (recipe, method, lineage) and `base`."""
-    diffusers, _ = _require()
-    folder = Path(str(folder)).expanduser()
-    try:
-        info = json.loads((folder / STUDENT_FILE).read_text())
-        if info.get('format') != STUDENT_FORMAT:
-            raise ValueError(f'format {info.get("format")!r}, expected {STUDENT_FORMAT!r}')
-        classes = {name: json.loads((folder / name / file).read_text())['_class_name']
-                   for name, file in (('unet', 'config.json'), ('scheduler', 'scheduler_config.json'))}
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f'{folder}: not a readable student folder ({type(e).__name__}: {e})') from None
-    cls = {name: getattr(diffusers, c, None) for name, c in classes.items()}
-    if None in cls.values():
-        raise ValueError(f'{folder}: unknown diffusers classes {classes}')
-    unet = cls['unet'].from_pretrained(folder, subfolder='unet', local_files_only=True,
-                                       dtype=dtype or torch.float32,
-                                       low_cpu_mem_usage=diffusers.utils.is_accelerate_available())
-    scheduler = cls['scheduler'].from_pretrained(folder, subfolder='scheduler', local_files_only=True)
-    parts, index = _read_pipeline(info['base'], dtype, ('vae', 'vqvae', 'text_encoder', 'tokenizer'))
-    net = _assemble(unet, scheduler, parts, folder, use_fp16, info['prediction_type'])
-    net.condition, net.prior, net.base = info['condition'], info['prior'], info['base']
-    meta = describe(net, source=str(folder), pipeline=index.get('_class_name'))
-    return net.to(device), {**meta, **info['meta'], 'base': info['base']}
-
-
-def _image_shape(net):
-    """[C, H, W] of the decoded images (the VAE's 2^(levels - 1) up-sampling), or x's shape without a VAE."""
-    if net.vae is None:
-        return list(net.shape)
-    cfg = net.vae.config
-    f = 2 ** (len(cfg.block_out_channels) - 1)
-    return [cfg.out_channels, net.shape[1] * f, net.shape[2] * f]
-
-
-def describe(net, source=None, pipeline=None):
-    """The plain-dict metadata of a Denoiser (what load returns next to it).
-
-    kind 'diffusers'; source, pipeline; shape [C, H, W] of x; latent (has a VAE) and image_shape
-    [3, H', W'] of the decoded images; text (takes prompts); prediction_type; sigma_min/sigma_max;
-    timesteps T; init_scale 'vp' (start from x = sqrt(1 + t_max^2) z, diffusers' prior) or 'edm'
-    (t_max z, a student trained so; its final state is decoded as it is);
-    guidance: the default Meng w for text models (6.5 = SD's guidance_scale 7.5), else None;
-    sampling: the default recipe (`Denoiser.recipe`), the keys of solvers.Recipe.
-    """
-    image_shape = _image_shape(net)
-    return dict(kind='diffusers', source=source, pipeline=pipeline, shape=list(net.shape),
-                latent=net.vae is not None, image_shape=list(image_shape), text=net.text,
-                prediction_type=net.prediction_type,
-                sigma_min=net.sigma_min, sigma_max=net.sigma_max, timesteps=net.T, init_scale=net.prior,
-                guidance=6.5 if net.text else None, sampling=net.recipe())
-
-
-def init_scale(t_max):
-    """diffusers' start: latents z ~ N(0, I) at abar_T are x = z / sqrt(abar) = sqrt(1 + t_max^2) z
-    (the solvers' own convention is t_max z, 0.23 % smaller at SD's t_max = 14.61)."""
-    return math.sqrt(1 + float(t_max) ** 2)
-
-
 def main(argv=None):
-    """`python latent.py` (SD's schedule), `python latent.py SPEC` (load, print its metadata)."""
+    """`python latent.py`: SD v1.5's noise levels and default grids (no download). With a model spec,
+    hub.py's `python hub.py SPEC` (load it, print its metadata)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # SD v1.5's schedule: no download needed
-        sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod())
-        print('SD v1.5 (scaled_linear 0.00085 -> 0.012, T = 1000) in EDM sigma:')
-        print('  ' + '  '.join(f'sigma_{j} = {float(sig[j]):.6g}' for j in (0, 1, 99, 499, 999)))
-        for n in (4, 8, 25):
-            t = discrete_schedule(sig, discrete_timesteps(n))
-            print(f'  DPM-Solver++(2M) {n} steps: timesteps {discrete_timesteps(n)}\n    t_steps '
-                  + ', '.join(f'{float(v):.4g}' for v in t))
-        return
-    for key, value in load(argv[0])[1].items():
-        print(f'{key:>16}: {json.dumps(value)}')
+    if argv:
+        import hub  # the loader sits a layer above this file
+        return hub.main(argv)
+    sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod())
+    print('SD v1.5 (scaled_linear 0.00085 -> 0.012, T = 1000) in EDM sigma:')
+    print('  ' + '  '.join(f'sigma_{j} = {float(sig[j]):.6g}' for j in (0, 1, 99, 499, 999)))
+    for n in (4, 8, 25):
+        t = discrete_schedule(sig, discrete_timesteps(n))
+        print(f'  DPM-Solver++(2M) {n} steps: timesteps {discrete_timesteps(n)}\n    t_steps '
+              + ', '.join(f'{float(v):.4g}' for v in t))
 
 
 if __name__ == '__main__':

@@ -11,17 +11,18 @@ A *spec* names a model wherever one is expected (`--teacher`, `--model`, `--unco
                               an EDM network pickle, read as data: no code from the file runs
     path/to/model.pt          a file of ours (save_model): teachers, SFD and guided students
     owner/name, path/to/pipeline/
-                              a diffusers pipeline (latent.py; the optional extra): Stable Diffusion,
-                              latent and pixel DDPMs, from the hub or a save_pretrained folder
-    runs/<run>/student/       a distilled diffusers student (latent.save_student: its UNet in diffusers'
+                              a diffusers pipeline (hub.py, latent.py; the optional extra): Stable
+                              Diffusion, latent and pixel DDPMs, from the hub or a save_pretrained folder
+    runs/<run>/student/       a distilled diffusers student (hub.save_student: its UNet in diffusers'
                               format, its recipe, and the base pipeline its VAE and text encoder are from)
 
-`load(spec)` is the one loader: it returns the network in eval mode, frozen, and metadata that
-always holds `source`, `shape` (one sample's shape) and `sampling` (a solvers.Recipe as a dict:
-how to sample it; EDM's sampler for a teacher). The table KINDS lists the forms in the order they
-are tried; a new kind of model is one row. Our files are torch.save dicts of tensors and plain
-values that torch.load(weights_only=True) reads: the constructor keywords, the state dict, and
-the metadata (sampling recipe, lineage).
+`load(spec)` is the one loader: it returns a network implementing the `Denoiser` protocol (written
+down below: the call, its metadata, conditions, grid, decode) in eval mode, frozen, and metadata
+that always holds `source`, `shape` (one sample's shape) and `sampling` (a solvers.Recipe as a
+dict: how to sample it; EDM's sampler for a teacher). The table KINDS lists the forms in the order
+they are tried; a new kind of model is one row. `save_student` writes any trained denoiser back as
+a spec. Our files are torch.save dicts of tensors and plain values that torch.load(weights_only=True)
+reads: the constructor keywords, the state dict, and the metadata (sampling recipe, lineage).
 
     python models.py cifar10          # download (once), load, print what the spec resolved to
 """
@@ -34,16 +35,78 @@ import itertools
 import json
 import pickle
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import data
+import hub
 import latent
 import solvers
 import toy
 import unet
+
+# ---------------------------------------------------------------------------------------------
+# The denoiser protocol: what every network `load` returns offers, and all the algorithms use
+# ---------------------------------------------------------------------------------------------
+
+@typing.runtime_checkable
+class Denoiser(typing.Protocol):
+    """A denoiser D(x; sigma): the estimate of the clean sample x0 from x = x0 + sigma eps.
+
+    EDM's form (Karras et al. 2022; SFD Eq. 2-4): the probability-flow ODE every solver of
+    solvers.py integrates is dx/dsigma = (x - D(x; sigma)) / sigma, so SFD (distill.py), Meng et
+    al. (guided_pd.py) and sample.py need nothing from a network but the members below; they never
+    ask which kind it is. Two classes implement it: unet.EDMPrecond (EDM's U-Nets and the toy MLP)
+    and latent.Denoiser (diffusers UNets: Stable Diffusion's latents, pixel DDPMs).
+    isinstance(net, Denoiser) checks that every member is there.
+
+    Two optional members, present where they make sense:
+      encode_prompts(prompts: list[str]) -> tensor [len(prompts), L, D]
+            the encoder_hidden_states of prompts (a model with `text`; [""] is the unconditional
+            branch of classifier-free guidance).
+      schedule(n, t_min, t_max, kind, rho) -> t_steps float64 [n + 1], t_max down to t_min
+            a grid of a kind of the model's own (latent.UNIFORM: uniform in a diffusers UNet's
+            timestep, SFD App. D.2). Callers use solvers.time_schedule for kinds in
+            solvers.SCHEDULES and net.schedule(...) for any other; an unknown kind is a ValueError.
+    """
+
+    # One sample's shape: [3, 32, 32] for CIFAR-10, [2] for toy points, [4, 64, 64] for SD's latents.
+    shape: list
+    # Classes of the class_labels condition (one-hot [B, label_dim] or integers [B]); 0: none.
+    label_dim: int
+    # The data's standard deviation in EDM's preconditioning (0.5 for images in [-1, 1]; 1 for
+    # diffusers models, whose latents have unit scale); EDM's loss weight uses it (guided_pd.py).
+    sigma_data: float
+    # The noise levels it accepts: EDMPrecond takes any (NVIDIA's files say 0 and inf; EDM trained
+    # on [0.002, 80]); a diffusers model knows only [sigma_0, sigma_{T-1}] of its T levels.
+    sigma_min: float
+    sigma_max: float
+    # Does it take encoder_hidden_states= (a text-to-image model)? Then it has encode_prompts.
+    text: bool
+    # SFD-v (SFD Alg. 6): the student is told its step count, net(x, sigma, step=N).
+    use_step_condition: bool
+    # Meng et al. Sec. 3.1: the stage-one student takes the guidance weight, net(x, sigma, guidance=w).
+    use_guidance_condition: bool
+    # Where sampling starts: 'edm' x = t_max z (EDM nets, every SFD student); 'vp' x = sqrt(1 +
+    # t_max^2) z, a diffusers pipeline's own prior (its VP latent, decoded at that level).
+    prior: str
+
+    def __call__(self, x, sigma, **cond):
+        """x0_hat = D(x; sigma), shaped like x [B, *shape]. sigma: a float or [B]. cond: among
+        class_labels, step, guidance, encoder_hidden_states -- only the ones this model takes."""
+
+    def enable_step_condition(self):
+        """Add the step condition as an exact no-op (zero-initialised: D unchanged); returns self."""
+
+    def enable_guidance_condition(self):
+        """Add the guidance-weight condition as an exact no-op; returns self."""
+
+    def decode(self, x, sigma=0.0):
+        """Images in about [-1, 1] of a final sample x at noise level sigma (0 but for a 'vp' prior's
+        VP latent): x itself for pixel models, the VAE's decoding for latent models."""
 
 # ---------------------------------------------------------------------------------------------
 # Our own model files
@@ -168,9 +231,8 @@ def _numpy_scalar(dtype, data):
     return np.frombuffer(data, dtype)[0].item()
 
 
-class _EDMUnpickler(pickle.Unpickler):
-    """Allows exactly the globals an EDM snapshot uses, each mapped to a harmless stand-in."""
-    ALLOWED = {('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_object,
+# Exactly the globals an EDM snapshot uses, each mapped to a harmless stand-in (data.RestrictedUnpickler).
+EDM_GLOBALS = {('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_object,
                ('torch.nn.modules.container', 'ModuleDict'): _Record,
                ('collections', 'OrderedDict'): collections.OrderedDict, ('builtins', 'set'): set,
                ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
@@ -181,11 +243,6 @@ class _EDMUnpickler(pickle.Unpickler):
                ('numpy', 'dtype'): np.dtype,
                ('numpy.core.multiarray', 'scalar'): _numpy_scalar,  # numpy 1.x (the 2022 files)
                ('numpy._core.multiarray', 'scalar'): _numpy_scalar}  # numpy 2
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'refusing global {module}.{name}: not part of an EDM network file')
-        return self.ALLOWED[module, name]
 
 
 def _state_dict(record, prefix='', out=None):
@@ -209,7 +266,7 @@ def read_edm_pickle(path):
     """An EDM snapshot's 'ema' network as data: (init_kwargs, state_dict). Runs nothing from the file."""
     try:
         with open(path, 'rb') as f:
-            snapshot = _EDMUnpickler(f).load()
+            snapshot = data.RestrictedUnpickler(f, EDM_GLOBALS, 'an EDM network file').load()
         ema = snapshot['ema']
         if not isinstance(ema, _Record) or ema.class_name != 'EDMPrecond':
             found = getattr(ema, 'class_name', type(ema).__name__)
@@ -293,7 +350,7 @@ KINDS = {
                   'stable-diffusion-v1-5/stable-diffusion-v1-5), a folder with model_index.json, or a '
                   'distilled student folder, runs/<run>/student (needs pip install -r '
                   'requirements-latent.txt)',
-                  latent.is_spec, latent.load),
+                  hub.is_spec, hub.load),
 }
 
 
@@ -309,13 +366,8 @@ def kind_of(spec):
 
 
 def shape_of(net):
-    """One sample's shape: [C, H, W] for an image network, [D] for a point model (ToyMLP); a
-    diffusers model knows its own (latents for Stable Diffusion)."""
-    if getattr(net, 'shape', None) is not None:
-        return list(net.shape)
-    if isinstance(net.model, (unet.SongUNet, unet.DhariwalUNet)):
-        return [net.img_channels, net.img_resolution, net.img_resolution]
-    return [net.img_channels]
+    """One sample's shape: the protocol's `net.shape`, as a list."""
+    return list(net.shape)
 
 
 def load(spec, device='cpu'):
@@ -342,6 +394,30 @@ def toy_world(spec):
         meta = load_meta(spec)
         return meta.get('toy') or toy_world(meta.get('teacher', ''))
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving a trained denoiser as a spec
+# ---------------------------------------------------------------------------------------------
+
+def save_student(folder, name, net, **meta):
+    """Write a trained denoiser so that `load` reads it back; returns the spec's path.
+
+    An EDM-style network (unet.EDMPrecond) becomes our file folder/<name>.pt (`save_model`); a
+    diffusers denoiser (latent.Denoiser) the student folder folder/<name> (hub.save_student:
+    diffusers' own format). meta: plain data (the sampling recipe, lineage, ...); its `prior`
+    ('vp': started as diffusers starts, from sqrt(1 + t_max^2) z; 'edm': from t_max z) is the
+    diffusers student's, and an EDM-style network, always started from t_max z, drops it.
+    """
+    folder = Path(folder)
+    if isinstance(net, unet.EDMPrecond):
+        meta.pop('prior', None)
+        return save_model(folder / f'{name}.pt', net, **meta)
+    if isinstance(net, latent.Denoiser):
+        if isinstance(meta.get('sampling'), solvers.Recipe):
+            meta['sampling'] = meta['sampling'].to_dict()
+        return hub.save_student(folder / name, net, **meta)
+    raise TypeError(f'save_student: a {type(net).__name__} is neither unet.EDMPrecond nor latent.Denoiser')
 
 
 if __name__ == '__main__':

@@ -102,7 +102,7 @@ class Plan:
     t_steps: torch.Tensor  # the timestamps, t_max first (a trailing 0 for EDM-style sampling)
     afs: bool              # SFD's analytical first step (one call saved)
     cond: dict             # network conditions: step= (SFD-v), guidance= (a guided student)
-    cfg: float = None      # classifier-free guidance w with two calls per evaluation, or None
+    w: float = None        # classifier-free guidance (Meng's w), two calls per evaluation, or None
     nfe: int = 0           # network calls per image, the CFG doubling included
 
     def describe(self):
@@ -112,8 +112,8 @@ class Plan:
         if t[-1] == 0 and self.solver in ('heun', 'dpm2'):
             what += ' (the step to 0 is one-call Euler)'
         what += ''.join(f', {k}={v:g}' for k, v in self.cond.items())
-        if self.cfg is not None:
-            what += f', classifier-free guidance w={self.cfg:g} (2 calls per evaluation)'
+        if self.w is not None:
+            what += f', classifier-free guidance w={self.w:g} (2 calls per evaluation)'
         return f'{what}: NFE {self.nfe} per image'
 
 
@@ -127,10 +127,10 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
     network with a null (all-zero) label. `stochastic` selects Meng's stochastic N-step sampler
     over the recipe's schedule: N calls.
     """
-    cond, cfg = {}, None
-    if getattr(net, 'text', False) and guidance is not None and not net.use_guidance_condition:
-        cfg = float(guidance) if guidance != 0 else None  # a text model: CFG against the empty prompt
-    elif getattr(net, 'use_guidance_condition', False):
+    cond, w = {}, None
+    if net.text and guidance is not None and not net.use_guidance_condition:
+        w = float(guidance) if guidance != 0 else None  # a text model: CFG against the empty prompt
+    elif net.use_guidance_condition:
         if guidance is None:
             raise ValueError('this model takes the guidance strength as an input: pass --guidance w '
                              "(Meng's w; w = 0 is the plain conditional model)")
@@ -141,17 +141,18 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
         if not net.label_dim:
             raise ValueError('--guidance needs a class-conditional model (or a guided student); '
                              'this one is unconditional')
-        cfg = float(guidance) if guidance != 0 or uncond is not None else None  # w = 0: D_w = D_c
+        w = float(guidance) if guidance != 0 or uncond is not None else None  # w = 0: D_w = D_c
     elif uncond is not None:
         raise ValueError('--uncond is the unconditional branch of classifier-free guidance: add --guidance w')
     recipe = solvers.Recipe.from_dict(sampling)
     if stochastic:  # Meng Eq. 4-7: N grid points below t_N = t_max, one call each
         recipe = dataclasses.replace(recipe, solver='stochastic', afs=False, ends_at_zero=False)
-    if recipe.schedule == latent.UNIFORM and recipe.t_steps is None and (nfe or len(recipe.nfes()) == 1):
-        # a diffusers SFD-v student: its grid, uniform in its timestep, for the chosen NFE
+    own_grid = recipe.schedule not in solvers.SCHEDULES + ('discrete',)
+    if own_grid and recipe.t_steps is None and (nfe or len(recipe.nfes()) == 1):
+        # a grid of the model's own kind (a diffusers SFD-v student's, uniform in its timestep), this NFE
         nfe = nfe or recipe.nfes()[0]
         n = solvers.steps_for_nfe(recipe.solver, nfe, recipe.afs, recipe.ends_at_zero) - recipe.ends_at_zero
-        t = net.uniform_schedule(n, recipe.t_min, recipe.t_max, recipe.rho)
+        t = net.schedule(n, recipe.t_min, recipe.t_max, recipe.schedule, recipe.rho)
         t = solvers.append_zero(t) if recipe.ends_at_zero else t
         recipe = dataclasses.replace(recipe, nfe=nfe, t_steps=t.tolist())
     t_steps, nfe, step = solvers.schedule_for(recipe, nfe)
@@ -159,11 +160,11 @@ def make_plan(net, sampling, nfe=None, guidance=None, uncond=None, stochastic=Fa
         calls = len(t_steps) - 1
     else:
         calls = solvers.nfe(recipe.solver, len(t_steps) - 1, recipe.afs, ends_at_zero=float(t_steps[-1]) == 0)
-    if getattr(net, 'use_step_condition', False):
+    if net.use_step_condition:
         # SFD-v (Alg. 6): the student is told its schedule through the step condition (the recipe's
         # stored value of this NFE; for an untrained NFE the number of timestamps, with a warning).
         cond['step'] = step.get('step', len(t_steps))
-    return Plan(recipe.solver, t_steps, recipe.afs, cond, cfg, calls * (2 if cfg is not None else 1))
+    return Plan(recipe.solver, t_steps, recipe.afs, cond, w, calls * (2 if w is not None else 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,26 +187,25 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
     cycling) if it is text-conditioned, and its final latents are decoded by its VAE.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    shape, label_dim = models.shape_of(net), net.label_dim
+    shape, label_dim = list(net.shape), net.label_dim
     if class_idx is not None and not 0 <= class_idx < label_dim:
         raise ValueError('--class needs a class-conditional model; this one is unconditional' if not label_dim
                          else f'class index {class_idx} is out of range: this model has {label_dim} classes')
     plan = make_plan(net, sampling, nfe, guidance, uncond, stochastic)
-    diffusers_model = isinstance(net, latent.Denoiser)
-    text = diffusers_model and net.text
+    text = net.text
     if text and not prompts:
         raise ValueError('this model is text-conditioned: give --prompt TEXT or --prompts FILE')
     if prompts and not text:
         raise ValueError('--prompt/--prompts are for text-conditioned (diffusers) models; this one takes none')
     dtype = next(net.parameters()).dtype
     D = lambda x, t, **c: net(x.to(dtype), t, **c)  # EDM casts the state to the network's dtype
-    if plan.cfg is not None and text:  # SFD Eq. 9: D_u + omega (D_c - D_u), the empty prompt as D_u
-        D = latent.guided(D, plan.cfg, net.encode_prompts(['']))
-    elif plan.cfg is not None:  # Meng Sec. 2 / Ho & Salimans: (1 + w) D(x, c) - w D_u(x)
+    if plan.w is not None and text:  # SFD Eq. 9: D_u + omega (D_c - D_u), the empty prompt as D_u
+        D = latent.guided(D, plan.w, net.encode_prompts(['']))
+    elif plan.w is not None:  # Meng Sec. 2 / Ho & Salimans: (1 + w) D(x, c) - w D_u(x)
         D_u = None if uncond is None else (lambda x, t, **c: uncond(x.to(dtype), t, **c))
-        D = solvers.guided(D, plan.cfg, uncond=D_u)
-    vp = diffusers_model and net.prior == 'vp'  # a pipeline; a distilled student starts as it was trained
-    start = latent.init_scale if vp else float  # diffusers' prior, or x = t_max z
+        D = solvers.guided(D, plan.w, uncond=D_u)
+    vp = net.prior == 'vp'  # a pipeline's own prior; a distilled student starts as it was trained
+    start = (lambda t: math.sqrt(1 + float(t) ** 2)) if vp else float  # diffusers' prior, or x = t_max z
     out, out_labels = [], []
     for i in tqdm(range(0, len(seeds), batch), unit='batch', disable=not progress or None, desc='sample'):
         chunk = seeds[i:i + batch]
@@ -219,8 +219,8 @@ def generate(net, seeds, sampling, nfe=None, class_idx=None, guidance=None, unco
             x = solvers.stochastic_sample(D_checked, x_T, plan.t_steps, generator=gens, **cond)
         else:
             x = solvers.sample(D_checked, x_T, plan.t_steps, plan.solver, afs=plan.afs, **cond)
-        if diffusers_model:  # latents (or a VP pixel state) to images in [-1, 1]; a student's x as sfd-main
-            x = net.decode(x, sigma=float(plan.t_steps[-1]) if vp else 0.0).to(torch.float64)
+        # latents (or a VP pixel state) to images in [-1, 1]; a pixel model's x is its image
+        x = net.decode(x, sigma=float(plan.t_steps[-1]) if vp else 0.0).to(torch.float64)
         out.append((x if raw or len(shape) == 1 else to_uint8(x)).cpu())
         out_labels.append(None if labels is None else labels.argmax(1).cpu())
         if on_batch is not None:
@@ -330,14 +330,14 @@ def resolve_sampling(meta, nfe=None, net=None, **overrides):
 
 def discrete_recipe(recipe, net, nfe, given):
     """A diffusers model's recipe for another NFE or solver: diffusers' own grid of the matching
-    step count (`latent.Denoiser.schedule`), ending at 0; its schedule kind stays its own."""
+    step count (`latent.Denoiser.discrete_grid`), ending at 0; its schedule kind stays its own."""
     if given.keys() & {'schedule', 'rho', 't_min', 't_max'}:
         raise ValueError('a diffusers model samples its own discrete grid: --schedule, --rho, --t-min and '
                          '--t-max do not apply (choose --solver and --nfe)')
     r = dataclasses.replace(recipe, **given, ends_at_zero=True)
     nfe = nfe or r.nfes()[0]
     n = solvers.steps_for_nfe(r.solver, nfe, r.afs, ends_at_zero=True)
-    return dataclasses.replace(r, nfe=nfe, t_steps=net.schedule(n).tolist())
+    return dataclasses.replace(r, nfe=nfe, t_steps=net.discrete_grid(n).tolist())
 
 
 def read_prompts(prompt=None, path=None):

@@ -502,6 +502,19 @@ def guided(denoiser, w, uncond=None):
     return D_w
 
 
+PRECISIONS = ('auto', 'fp32', 'bf16')
+
+
+def autocast(device, precision='auto'):
+    """The precision a denoiser runs in: 'auto' is bf16 autocast on CUDA and float32 elsewhere
+    (EDMPrecond keeps its preconditioning in float32); 'fp32' and 'bf16' force one or the other."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(PRECISIONS)}')
+    kind = torch.device(device).type
+    on = precision == 'bf16' or (precision == 'auto' and kind == 'cuda')
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=on)
+
+
 # ---------------------------------------------------------------------------------------------
 # Meng et al.'s stochastic N-step sampler
 # ---------------------------------------------------------------------------------------------

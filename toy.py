@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data
 import solvers
+import train
 import unet
 
 DATASETS = ('ring', 'checkerboard', 'moons')  # the 2-D worlds
@@ -124,37 +125,54 @@ def edm_loss(net, x, class_labels=None, generator=None, P_mean=-1.2, P_std=1.2):
     return (weight * (D - x) ** 2).flatten(1).sum(1).mean()
 
 
+class EDMJob:
+    """A teacher's training as a job of train.py's loop: one update of EDM's loss per iteration."""
+
+    def __init__(self, net, optimizer, draw):
+        self.student, self.optimizer, self.draw = net, optimizer, draw
+
+    def iteration(self, loop):
+        x, labels = self.draw(loop.gen)  # the batch first, then edm_loss's noise: one random stream
+        loss = loop.update([lambda: edm_loss(loop.model, x, labels, generator=loop.gen)])
+        return [float(loss)]
+
+    def save(self, net, loop):  # teachers are returned (models.py caches them), no run folder
+        return None
+
+
+def fit_teacher(job, settings):
+    """train.fit on one process without a run folder; the EMA network (eval mode), or
+    KeyboardInterrupt if a signal stopped it (a half-trained teacher must not be cached)."""
+    loop = train.fit(job, settings)
+    if loop.interrupted:
+        raise KeyboardInterrupt
+    return loop.ema
+
+
 def train_toy(name, label_dropout=0.0, steps=3000, batch=512, lr=2e-3, ema=0.995, seed=0,
               device='cpu', progress=True):
     """Train a toy teacher from scratch; returns the EMA network in eval mode.
 
     With `label_dropout` > 0 the network is class-conditional and sees the null label (a zero
     one-hot) that often, so it is also its own unconditional model (classifier-free guidance).
+    Adam at `lr`, constant, then a linear decay over the last 30% of the steps; EMA decay `ema`.
     """
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     C = num_classes(name) if label_dropout > 0 else 0
     net = toy_net(label_dim=C).to(device).train()
-    ema_net = toy_net(label_dim=C).to(device).eval().requires_grad_(False)
-    ema_net.load_state_dict(net.state_dict())
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for i in tqdm(range(steps), desc=f'train toy:{name}', disable=None if progress else True):
+    toy_net(label_dim=C)  # the cached teachers' EMA copy was built so: the same global random stream after
+
+    def draw(g):
         x, y = toy_data(name, batch, generator=g)
         labels = None
         if C:
             keep = (torch.rand(batch, generator=g) >= label_dropout).float()
-            labels = torch.nn.functional.one_hot(y, C).float() * keep[:, None]
-            labels = labels.to(device)
-        loss = edm_loss(net, x.to(device), labels, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:  # constant, then a linear decay over the last 30%
-            group['lr'] = lr * min(1.0, (steps - i) / (0.3 * steps))
-        opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema_net.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - ema)
-    return ema_net
+            labels = (torch.nn.functional.one_hot(y, C).float() * keep[:, None]).to(device)
+        return x.to(device), labels
+    job = EDMJob(net, torch.optim.Adam(net.parameters(), lr=lr), draw)
+    return fit_teacher(job, train.Settings(
+        iterations=steps, batch=batch, seed=seed, lr=lambda i: lr * min(1.0, (steps - i) / (0.3 * steps)),
+        ema=ema, precision='fp32', desc=f'train toy:{name}', unit='it', progress=progress))
 
 
 def teacher_settings(name, cond=False):
@@ -176,8 +194,8 @@ def train_teacher(settings, device='cpu', progress=True):
     """Train the teacher that teacher_settings(...) describes (train_toy or train_images)."""
     s = dict(settings)
     name = s.pop('name')
-    train = train_images if name in IMAGE_WORLDS else train_toy
-    return train(name, **s, device=device, progress=progress)
+    trainer = train_images if name in IMAGE_WORLDS else train_toy
+    return trainer(name, **s, device=device, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,13 +284,9 @@ def train_images(name, label_dropout=0.0, resolution=16, kimg=200.0, batch=128, 
     if C and (y_all < 0).any():
         raise ValueError(f'{source}: a class-conditional teacher needs labels (dataset.json) for every image')
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     model = image_net(resolution, C, **(net or {})).to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    iters = math.ceil(kimg * 1000 / batch)
-    for it in tqdm(range(iters), desc=f'train toy:{name}{":cond" if C else ""}', unit='it',
-                   disable=None if progress else True):
+
+    def draw(g):
         pick = torch.randint(len(x_all), (batch,), generator=g)
         x = data.to_float(x_all[pick])
         flip = torch.rand(batch, generator=g) < 0.5
@@ -281,17 +295,14 @@ def train_images(name, label_dropout=0.0, resolution=16, kimg=200.0, batch=128, 
         if C:
             keep = (torch.rand(batch, generator=g) >= label_dropout).float()
             labels = (F.one_hot(y_all[pick], C).float() * keep[:, None]).to(device)
-        loss = edm_loss(model, x.to(device), labels, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:  # linear warm-up over lr_rampup_kimg, then constant
-            group['lr'] = lr * min(1.0, (it + 1) * batch / max(lr_rampup_kimg * 1000, 1))
-        opt.step()
-        beta = min(ema_max, (1 + it) / (10 + it))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - beta)
-    return ema
+        return x.to(device), labels
+    job = EDMJob(model, torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8), draw)
+    return fit_teacher(job, train.Settings(
+        iterations=math.ceil(kimg * 1000 / batch), batch=batch, seed=seed,
+        # a linear warm-up over lr_rampup_kimg, then constant; the EMA's decay grows to ema_max
+        lr=lambda it: lr * min(1.0, (it + 1) * batch / max(lr_rampup_kimg * 1000, 1)),
+        ema=lambda it: min(ema_max, (1 + it) / (10 + it)), precision='fp32',
+        desc=f'train toy:{name}{":cond" if C else ""}', unit='it', progress=progress))
 
 
 # ---------------------------------------------------------------------------------------------

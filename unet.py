@@ -491,7 +491,8 @@ class EDMPrecond(nn.Module):
             raise ValueError(f'unknown model_type {model_type!r}: this file knows {sorted(MODELS)}')
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16  # EDM's flag; here it means bf16 autocast on CUDA
-        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)  # the protocol's floats
+        self.sigma_data = float(sigma_data)
         self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                                 use_fp16=use_fp16, sigma_min=sigma_min, sigma_max=sigma_max,
                                 sigma_data=sigma_data, model_type=model_type, **model_kwargs)  # save_model
@@ -502,8 +503,22 @@ class EDMPrecond(nn.Module):
         if use_guidance_condition:
             self.enable_guidance_condition()
 
+    # The denoiser protocol's metadata (models.Denoiser): no prompts; one sample's shape.
+    text = False
+    prior = 'edm'  # sampling starts from x = t_max z
     use_step_condition = property(lambda self: bool(getattr(self.model, 'use_step_condition', False)))
     use_guidance_condition = property(lambda self: bool(getattr(self.model, 'use_guidance_condition', False)))
+
+    @property
+    def shape(self):
+        """One sample's shape: [C, R, R] images for the U-Nets, [C] points for any other model (ToyMLP)."""
+        if isinstance(self.model, _UNet):
+            return [self.img_channels, self.img_resolution, self.img_resolution]
+        return [self.img_channels]
+
+    def decode(self, x, sigma=0.0):
+        """Images of a final sample: a pixel-space network's samples are the images themselves."""
+        return x
 
     def enable_step_condition(self):
         """Add SFD-v's step condition (zero-initialised: D unchanged until trained); returns self."""

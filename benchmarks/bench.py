@@ -12,10 +12,15 @@ FLOPs come from torch.utils.flop_counter (one multiply-add = 2 FLOPs); the achie
 peak uses the device's published dense peak for the precision used (PEAKS below), or --peak.
 """
 import argparse
+import contextlib
 import copy
 import json
+import math
+import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -73,6 +78,32 @@ def measure(fn, device, repeat):
     return sorted(times)[len(times) // 2], first, peak_gib(device)
 
 
+def nonfinite(*xs):
+    """How many NaN/inf values the tensors (or arrays) hold."""
+    return sum(int((~torch.isfinite(torch.as_tensor(x).float())).sum()) for x in xs)
+
+
+def abs_diff(a, b):
+    """Max and mean |a - b| over every element."""
+    d = (a.float() - b.float()).abs()
+    return dict(max_abs=d.max().item(), mean_abs=d.mean().item())
+
+
+def plain(v):
+    """JSON-ready: containers, tensors, dtypes and paths to plain values; NaN/inf to strings."""
+    if isinstance(v, dict):
+        return {str(k): plain(u) for k, u in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [plain(u) for u in (sorted(v, key=str) if isinstance(v, set) else v)]
+    if isinstance(v, torch.Tensor):
+        return plain(v.tolist())
+    if hasattr(v, 'item') and not isinstance(v, (str, bytes)):  # numpy scalars
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
 def timed(fn, device, repeat):
     """Median seconds of `repeat` calls after one warm-up call."""
     return measure(fn, device, repeat)[0]
@@ -99,10 +130,20 @@ def peak_tflops(device, precision, override):
     return next((p[precision] for key, p in PEAKS if key.lower() in name), None)
 
 
-def make_unet(channels, device, **kwargs):
-    """EDM's CIFAR-10 DDPM++ (the SFD teacher's architecture), random weights: speed needs none."""
-    kw = dict(DDPMPP, model_channels=channels, **kwargs)
-    return unet.EDMPrecond(img_resolution=32, img_channels=3, **kw).to(device)
+def make_unet(channels, device, seed=0, **kwargs):
+    """EDM's CIFAR-10 DDPM++ (the SFD teacher's architecture), random weights at unit gain: every
+    weight matrix and kernel drawn from N(0, 1/fan_in). EDM initialises its output layers near zero
+    (D = c_skip x at first), which would make a random network trivial; at unit gain F's output is
+    O(1), as a trained network's, so precision differences and NaN checks see realistic magnitudes."""
+    torch.manual_seed(seed)
+    net = unet.EDMPrecond(img_resolution=32, img_channels=3,
+                          **dict(DDPMPP, model_channels=channels, **kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return net.to(device)
 
 
 def unet_flops(net, x, sigma):
@@ -117,19 +158,19 @@ def unet_flops(net, x, sigma):
     return {'fwd': fwd / len(x), 'fwd_bwd': fwd_bwd / len(x)}, ref
 
 
-def unet_variant(net, x, sigma, variant, device, repeat, peak_override, flops, ref):
+def unet_variant(net, x, sigma, variant, device, repeat, peak_override, flops, ref, backend='inductor'):
     """One row of (a) for one variant and batch, and the variant's eval output.
 
     Each variant is a speed-up that keeps the numbers (tests/test_unet.py checks channels_last;
     bf16 is EDM's mixed precision, its preconditioning stays in float32); the row says how far
-    its output is from the fp32 reference `ref`."""
+    its output is from the fp32 reference `ref`. '+compile' variants use torch.compile's `backend`."""
     model = net
     xin = x.to(memory_format=torch.channels_last) if 'channels_last' in variant else x
     if 'channels_last' in variant:
         model = copy.deepcopy(net).to(memory_format=torch.channels_last)
     if 'compile' in variant:
-        model = torch.compile(model, dynamic=False)  # one static graph per batch size
-    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled='bf16' in variant)
+        model = torch.compile(model, dynamic=False, backend=backend)  # one static graph per batch size
+    amp = lambda: solvers.autocast(device, 'bf16' if 'bf16' in variant else 'fp32')  # the training code's
     out = []
 
     def fwd():
@@ -144,15 +185,15 @@ def unet_variant(net, x, sigma, variant, device, repeat, peak_override, flops, r
     net.train()
     t_fb, first_fb, mem_fb = measure(fwd_bwd, device, repeat)
     net.eval().zero_grad(set_to_none=True)
-    peak = peak_tflops(device, precision_of(variant, device), peak_override)
-    batch = len(x)
+    precision = precision_of(variant, device)
+    peak, batch = peak_tflops(device, precision, peak_override), len(x)
     row = dict(bench='unet', variant=variant, batch=batch, gflop_per_img=flops['fwd'] / 1e9,
-               fwd_img_s=batch / t_f, fwd_bwd_img_s=batch / t_fb)
+               fwd_img_s=batch / t_f, fwd_bwd_img_s=batch / t_fb, precision=precision, peak_tflops=peak)
     for key, t in (('fwd', t_f), ('fwd_bwd', t_fb)):
         row[f'{key}_tflops'] = flops[key] * batch / t / 1e12
         row[f'{key}_peak_fraction'] = row[f'{key}_tflops'] / peak if peak else None
     row.update(fwd_first_s=first_f, fwd_bwd_first_s=first_fb, fwd_mem_gib=mem_f, fwd_bwd_mem_gib=mem_fb,
-               max_abs_diff=(out[0].float() - ref.float()).abs().max().item())
+               max_abs_diff=abs_diff(out[0], ref)['max_abs'])
     return row, out[0]
 
 
@@ -196,8 +237,8 @@ def bench_sfd(net, batch, device, repeat):
     # student repeat + 1 times; the counts must match SFD's accounting (tests/test_bench.py).
     runs = repeat + 2
     return [dict(bench='sfd_iteration', batch=batch, teacher_s=t_teach, student_s=t_stud,
-                 teacher_calls=calls['teacher'] // runs, student_calls=calls['student'] // (repeat + 1),
-                 img_s=batch / (t_teach + t_stud))]
+                 teacher_fraction=t_teach / (t_teach + t_stud), teacher_calls=calls['teacher'] // runs,
+                 student_calls=calls['student'] // (repeat + 1), img_s=batch / (t_teach + t_stud))]
 
 
 def bench_sampling(net, batch, nfe, device, repeat):
@@ -227,9 +268,72 @@ def bench_fid(batch, device, repeat, workers, images=None):
     t = timed(lambda: out.__setitem__(slice(None), fid.compute_features(
         images, model=model, batch_size=batch, num_workers=workers, progress=False)), device, repeat)
     flops, _ = flops_of(lambda: model(images[:1].to(device)))
-    nonfinite = sum(int((~torch.isfinite(torch.as_tensor(a))).sum()) for a in out)
     return [dict(bench='fid_features', batch=batch, img_s=len(images) / t, gflop_per_img=flops / 1e9,
-                 nonfinite=nonfinite)]
+                 nonfinite=nonfinite(*out))]
+
+
+def dynamo_counts():
+    """(graphs dynamo has compiled, graph breaks it has met) so far in this process."""
+    from torch._dynamo.utils import counters
+    return counters['stats']['unique_graphs'], sum(counters['graph_break'].values())
+
+
+class Steps:
+    """Named steps run one after another, each in its own try block (a failure is recorded, and the
+    next step still runs), under a time budget: a step that no longer fits is skipped, and one still
+    running `margin` seconds past the budget is interrupted (inside `hard_limit()`). `status` holds
+    each step's outcome, seconds and dynamo graphs; `after()` runs after every step (rewrite a file)."""
+
+    def __init__(self, budget=math.inf, margin=45.0, after=None):
+        self.budget, self.margin, self.after = budget, margin, after or (lambda: None)
+        self.status, self.in_step, self.t0 = {}, False, time.perf_counter()
+
+    def run(self, name, need_s, fn, *args):
+        """fn(*args), or None when the step is skipped or fails (self.status[name] says which)."""
+        t0, (graphs, breaks), out = time.perf_counter(), dynamo_counts(), None
+        left = self.budget - (t0 - self.t0)
+        if left < need_s:
+            st = dict(status='skipped', reason=f'time budget: {max(left, 0):.0f} s left, needs about '
+                      f'{need_s:.0f} s')
+        else:
+            self.in_step = True
+            try:
+                out, st = fn(*args), dict(status='ok')
+            except Exception as e:  # e.g. out of memory: what the step held is freed for the next
+                st = dict(status='failed', error=f'{type(e).__name__}: {e}'.splitlines()[0][:300],
+                          traceback=traceback.format_exc(limit=-4))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            finally:
+                self.in_step = False
+        st.update(seconds=time.perf_counter() - t0, dynamo_graphs=dynamo_counts()[0] - graphs,
+                  graph_breaks=dynamo_counts()[1] - breaks)
+        self.status[name] = st
+        print(f'[{time.perf_counter() - self.t0:5.0f} s] {name}: {st["status"]} ({st["seconds"]:.1f} s)',
+              flush=True)
+        self.after()
+        return out
+
+    @contextlib.contextmanager
+    def hard_limit(self):
+        """SIGALRM at budget + margin: the step then running stops with TimeoutError. Only where
+        signals work (the main thread of a POSIX process) and the budget is finite."""
+        limit = self.budget + self.margin
+        if (not math.isfinite(limit) or not hasattr(signal, 'setitimer')
+                or threading.current_thread() is not threading.main_thread()):
+            yield
+            return
+
+        def ring(sig, frame):
+            if self.in_step:
+                raise TimeoutError(f'hard time limit of {limit:.0f} s reached')
+        old = signal.signal(signal.SIGALRM, ring)
+        signal.setitimer(signal.ITIMER_REAL, max(limit - (time.perf_counter() - self.t0), 0.01))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
 
 
 def _cell(v):
@@ -284,13 +388,15 @@ def main(argv=None):
           f'DDPM++ with model_channels={channels} ({width}), '
           f'{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters')
     small = lambda gpu_batch, cpu_batch: args.small_batch or (gpu_batch if gpu else cpu_batch)
-    rows = bench_unet(net, batches, device, variants, args.repeat, args.peak)
-    rows += bench_sfd(net, small(128, 4), device, args.repeat)
-    rows += bench_sampling(net, small(256, 8), 10, device, args.repeat)
-    rows += bench_fid(small(250, 8), device, args.repeat, 2)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    rows = []  # each benchmark a step: one that fails is reported, the others still run
+    steps = Steps(after=lambda: args.json and Path(args.json).write_text(json.dumps(plain(rows), indent=1)))
+    for name, fn, *fn_args in [('unet', bench_unet, net, batches, device, variants, args.repeat, args.peak),
+                               ('sfd_iteration', bench_sfd, net, small(128, 4), device, args.repeat),
+                               ('sampling', bench_sampling, net, small(256, 8), 10, device, args.repeat),
+                               ('fid_features', bench_fid, small(250, 8), device, args.repeat, 2)]:
+        rows += steps.run(name, 0, fn, *fn_args) or []
+    print(table(rows) + ''.join(f'\n{n}: FAILED {st["error"]}' for n, st in steps.status.items()
+                                if 'error' in st))
     return rows
 
 

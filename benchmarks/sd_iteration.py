@@ -126,7 +126,7 @@ def memory_table(batch, sfd_v):
     vae, text = count(AutoencoderKL, **SD_VAE), count(CLIPTextModel, config=CLIPTextConfig(**SD_TEXT))
     rows = [('student UNet: fp32 weights, gradients, Adam m and v (16 B/param)', 16 * P),
             ('teacher UNet, fp32 (a deep copy; bf16 autocast casts per call)', 4 * P),
-            ('VAE and CLIP text encoder, fp32 (frozen; latent.load reads both)', 4 * (vae + text))]
+            ('VAE and CLIP text encoder, fp32 (frozen; hub.load reads both)', 4 * (vae + text))]
     static = sum(b for _, b in rows)
     lines = [f'SD v1.5 memory at micro-batch {batch} (computed, not measured: UNet {P:,} params, '
              f'VAE {vae:,}, text {text:,})']

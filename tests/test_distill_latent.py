@@ -20,6 +20,7 @@ from conftest import ROOT
 
 import captions
 import distill
+import hub
 import latent
 import models
 import solvers
@@ -78,7 +79,7 @@ def sd(tmp_path_factory):
 
 def _net64(sd):
     """The tiny pipeline as a float64 Denoiser (for tests that prove math)."""
-    return latent.load(sd / 'pipe', dtype=torch.float64)[0]
+    return hub.load(sd / 'pipe', dtype=torch.float64)[0]
 
 
 class Recorder(torch.nn.Module):
@@ -267,7 +268,7 @@ def test_sfd_v_run_saves_a_diffusers_unet_that_samples_at_any_guidance(sd, tmp_p
     assert 'NFE 2 per image' in capsys.readouterr().out and x.shape == (2, 3, 16, 16)
     # By hand: x = t_max z, Euler over the timestep-uniform grid with step = 3, the final x decoded.
     z = sample.noise([0, 1], net.shape, 0)[0].double()
-    t = net.uniform_schedule(2, 0.1, net.sigma_max)
+    t = net.schedule(2, 0.1, net.sigma_max, latent.UNIFORM)
     h = net.encode_prompts(PROMPTS[:2])
     D = lambda x, s, **c: net(x.float(), s, **c)
     ref = solvers.sample(D, float(t[0]) * z, t, 'euler', encoder_hidden_states=h, step=3)
@@ -317,8 +318,8 @@ def test_guided_stage_one_and_two_on_a_tiny_sd(sd, tmp_path, capsys):
     with torch.no_grad():
         ref = pipe('a cat', num_inference_steps=4, guidance_scale=1 + 5.0, latents=z,
                    output_type='latent').images
-    ours = solvers.sample(net, latent.init_scale(net.sigma_max) * z, net.schedule(4), 'dpmpp2m', guidance=5.0,
-                          encoder_hidden_states=net.encode_prompts(['a cat']))
+    ours = solvers.sample(net, latent.init_scale(net.sigma_max) * z, net.discrete_grid(4), 'dpmpp2m',
+                          guidance=5.0, encoder_hidden_states=net.encode_prompts(['a cat']))
     assert ((ours - ref).abs().max() / ref.abs().max()) < 1e-5  # measured 2.3e-7 (float32)
     guided_pd.main(['stage2', '--teacher', str(tmp_path / 's1' / 'student'), '--start-n', '4', '--end-n', '2',
                     '--round-iters', '1', '--final-round-iters', '1', '--run-dir', str(tmp_path / 's2'),

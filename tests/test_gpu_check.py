@@ -21,6 +21,7 @@ import distill
 import solvers
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
+import bench  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def numbers(tree, path=''):
 
 def test_every_step_runs_and_fills_every_section(dry):
     results, data, _ = dry
-    assert data == json.loads(json.dumps(gpu_check.plain(results)))
+    assert data == json.loads(json.dumps(bench.plain(results)))
     names = [s[0] for s in gpu_check.steps(gpu_check.SIZES['dry'])]
     assert list(data['steps']) == names
     assert {n: s['status'] for n, s in data['steps'].items()} == dict.fromkeys(names, 'ok')
@@ -110,7 +111,7 @@ def test_code_paths_are_recorded_as_they_ran(dry):
     assert all(p['ok'] for p in paths.values()), paths
     assert paths['teacher under inference_mode']['teacher'] == [True]
     assert paths['student outside inference_mode']['student'] == [False]
-    autocast = paths['autocast bf16 (CUDA only)']  # off on a CPU, as cli.autocast says
+    autocast = paths['autocast bf16 (CUDA only)']  # off on a CPU, as solvers.autocast('auto') says
     assert autocast == dict(expected=[False], teacher=[False], student=[False], ok=True)
     for name, p in paths.items():
         if name.startswith('torch.compile'):
@@ -118,12 +119,19 @@ def test_code_paths_are_recorded_as_they_ran(dry):
 
 
 def test_table_is_printed_with_every_check(dry):
+    """Every step's status, then each section's results, one line each, named as in the JSON."""
     _, data, printed = dry
     assert 'GPU check: CPU' in printed and 'DRY RUN' in printed and 'FAILED' not in printed
-    for check in ('setup', 'bf16 vs fp32', 'U-Net forward', 'U-Net fwd+bwd', 'distill split',
-                  'distill.distill', 'distill projection', 'sample.generate', 'FID features',
-                  'torch.compile', 'code path', 'NaN/inf scan'):
-        assert f'\n{check} ' in printed, check
+    rows = [line.split()[:2] for line in printed.splitlines() if line.split()]
+    for name in data['steps']:
+        assert ['steps', name] in rows, name
+    for section, name in [('unet', 'fp32,'), ('unet', 'bf16+channels_last,'), ('compile', 'bf16+compile,'),
+                          ('compile', 'distill'), ('compile', 'sample'), ('distill', 'split'), ('distill', 'run'),
+                          ('sampling', 'student'), ('sampling', 'teacher'), ('fid', 'batch'),
+                          ('correctness', 'teacher_bf16_vs_fp32'), ('correctness', 'first_update_bf16_vs_fp32'),
+                          ('correctness', 'NaN/inf')]:
+        assert [section, name] in rows, (section, name)
+    assert 'kimg_s' in printed and 'projected_hours' in printed and 'fwd_bwd_img_s' in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal without a GPU')
@@ -150,5 +158,5 @@ def test_budget_skips_steps_and_the_hard_limit_interrupts_one(tmp_path, monkeypa
     failed = [i for i, (n, s) in enumerate(status) if s == 'failed']
     assert len(failed) == 1 and 'hard time limit' in res['steps'][status[failed[0]][0]]['error']
     assert all(s == 'skipped' for _, s in status[failed[0] + 1:])
-    assert json.loads(out.read_text())['steps'] == gpu_check.plain(res['steps'])
+    assert json.loads(out.read_text())['steps'] == bench.plain(res['steps'])
     assert 'FAILED' in capsys.readouterr().out

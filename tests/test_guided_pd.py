@@ -7,30 +7,44 @@ below use seed 0; seeds 1 and 2 were run by hand with the same settings and pass
 test's docstring gives the range measured over the three seeds next to what it asserts.
 """
 import copy
+import dataclasses
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-import models
 import guided_pd as gp
+import guided_pd_run
+import models
 import solvers
 import toy
+import train
 import unet
-from conftest import Counter
+from conftest import ROOT, Counter
 
 WS = (0.0, 1.0, 2.0, 4.0)
-# Scaled-down runs: 600 updates of batch 128 for stage one and per stage-two round.
+# Scaled-down runs: 600 updates of batch 128 (76.8 kimg) for stage one and per stage-two round,
+# a stats row every 200 updates (25.6 kimg).
 RUN = dict(teacher='toy:ring', uncond='', device='cpu', seed=0, lr=1e-3, batch=128, ema=0.99,
-           iters=600, round_iters=600, final_round_iters=600, tick=200)
+           kimg=76.8, round_kimg=76.8, final_round_kimg=76.8, tick_kimg=25.6)
+
+
+def stage2(**kw):
+    """Stage-two settings: the fields given, stage two's preset (SNR truncation) for the others."""
+    return gp.apply_defaults(gp.GuidedConfig(**kw), 'stage2', explicit=kw)
 
 
 @pytest.fixture(scope='session')
 def teacher():
     """(D_w, the jointly trained conditional net): trained once per session (cached in SFD_CACHE)."""
-    D_w, net, _ = gp.load_cfg_teacher('toy:ring')
+    D_w, net, _ = guided_pd_run.load_guided_teacher('toy:ring')
     return D_w, net
 
 
@@ -45,8 +59,9 @@ def stage1(teacher, tmp_path_factory):
 @pytest.fixture(scope='session')
 def deterministic(stage1):
     """Alg. 3 from the stage-one student: the 8-step DDIM teacher -> 4 -> 2 -> 1 step students."""
-    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(stage1[2]), 'start_n': 8},
-                          run_dir=str(stage1[2].parent.parent / 'det'))
+    cfg = stage2(**{**RUN, 'teacher': str(stage1[2]), 'start_n': 8},
+                 run_dir=str(stage1[2].parent.parent / 'det'))
+    assert cfg.weighting == 'snr_trunc' and cfg.ema == 0.99
     return gp.stage_two(cfg, progress=False, log=lambda *a: None)
 
 
@@ -220,19 +235,33 @@ def weighted_error(net, D_w, w, n=4000, **cond_net_kwargs):
     return (gp.loss_weight('edm', s, 0.5).float() * err).mean().item()
 
 
-def test_default_run_folders_are_numbered_and_keep_both_stage_two_chains_apart(tmp_path, monkeypatch):
+def test_stage_defaults_come_from_the_presets():
+    """Stage one: the paper's EDM weighting and EMA 0.9999; stage two: SNR truncation, no EMA
+    (App. B.3); a toy teacher: its CPU recipe, EMA 0.99 in both stages; a flag given is kept."""
+    one, two = (gp.apply_defaults(gp.GuidedConfig(), stage) for stage in guided_pd_run.STAGES)
+    assert (one.weighting, one.ema, two.weighting, two.ema) == ('edm', 0.9999, 'snr_trunc', 0.0)
+    toy1 = gp.apply_defaults(gp.GuidedConfig(teacher='toy:ring', lr=3e-4), 'stage1')
+    assert (toy1.ema, toy1.batch, toy1.lr, toy1.kimg) == (0.99, 256, 3e-4, 768.0)
+    assert train.iterations_for(toy1.kimg, toy1.batch) == 3000  # the old recipe's 3000 updates
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        toy1.lr = 1.0  # resolved once, then frozen
+
+
+def test_default_run_folders_are_numbered_and_keep_both_stage_two_chains_apart(teacher, tmp_path,
+                                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
-    s1 = gp._setup(gp.GuidedConfig(teacher='toy:ring'), 'stage1')
-    assert s1[0].weighting == 'edm' and s1[0].ema == 0.9999 and s1[2] == Path('runs/00000-guided-stage1-toy-ring')
-    teacher = s1[2] / 'student.pt'
-    models.save_model(teacher, toy.toy_net(label_dim=8, width=8, depth=1))
-    det = gp._setup(gp.GuidedConfig(teacher=str(teacher)), 'stage2')
-    sto = gp._setup(gp.GuidedConfig(teacher=str(teacher), stochastic=True), 'stage2')
-    assert det[0].weighting == 'snr_trunc' and det[0].ema == 0.0
-    assert det[2] == Path('runs/00001-guided-stage2-00000-guided-stage1-toy-ring')
-    assert sto[2] == Path('runs/00002-guided-stage2-00000-guided-stage1-toy-ring-stochastic')
+    quick = dict(device='cpu', batch=8, kimg=0.016, round_kimg=0.008, final_round_kimg=0.008)
+    gp.stage_one(gp.GuidedConfig(teacher='toy:ring', **quick), progress=False, log=lambda *a: None)
+    first = Path('runs/00000-guided-stage1-toy-ring')
+    assert (first / 'student.pt').is_file()
+    for stochastic in (False, True):
+        gp.stage_two(stage2(teacher=str(first / 'student.pt'), start_n=2, stochastic=stochastic, **quick),
+                     progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in Path('runs').iterdir())[1:] == [
+        '00001-guided-stage2-00000-guided-stage1-toy-ring',
+        '00002-guided-stage2-00000-guided-stage1-toy-ring-stochastic']
     with pytest.raises(ValueError, match='already holds a run'):  # an explicit folder of another run
-        gp._setup(gp.GuidedConfig(teacher='toy:ring', run_dir=str(s1[2])), 'stage1')
+        gp.stage_one(gp.GuidedConfig(teacher='toy:ring', run_dir=str(first), **quick), log=lambda *a: None)
 
 
 def test_stage_one_student_learns_the_guided_denoiser(teacher, stage1):
@@ -295,7 +324,7 @@ def test_student_file_round_trip_and_sampling(deterministic, evaluation):
 def test_toy_table_lists_students_and_each_baseline_once(deterministic):
     """The CLI's evaluation table: per w the teacher (its reference solve: 33 CFG evaluations, the
     step to 0 included), every student, and DDIM-with-CFG at each needed step count once."""
-    rows = gp.toy_table(deterministic, ws=(1.0,), n=160, ref_steps=32)
+    rows = guided_pd_run.toy_table(deterministic, ws=(1.0,), n=160, ref_steps=32)
     labels = [r[10:34].strip() for r in rows[1:]]
     assert labels == ['teacher ODE (DPM++3M)', 'student euler N=4', 'student euler N=2', 'student euler N=1',
                       'DDIM-CFG 4 steps', 'DDIM-CFG 2 steps', 'DDIM-CFG 1 steps']
@@ -328,8 +357,8 @@ def test_stochastic_stage_two_and_sampler(teacher, stage1, evaluation):
     is already close to the ideal one, so there is nothing to assert."""
     D_w, _ = teacher
     z, Y, _, _ = evaluation
-    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(stage1[2]), 'start_n': 4, 'stochastic': True},
-                          run_dir=str(stage1[2].parent.parent / 'stochastic'))
+    cfg = stage2(**{**RUN, 'teacher': str(stage1[2]), 'start_n': 4, 'stochastic': True},
+                 run_dir=str(stage1[2].parent.parent / 'stochastic'))
     paths = gp.stage_two(cfg, progress=False, log=lambda *a: None)
     prev = stage1[0]
     for path in paths:
@@ -355,18 +384,23 @@ def test_stochastic_stage_two_and_sampler(teacher, stage1, evaluation):
 # ------------------------------------------------------------------------------------------------
 
 def test_cli_runs_both_stages_down_to_one_step(teacher, tmp_path):
+    """Both stages through the command line, with the old flags (updates, hidden aliases that
+    count at the toy batch of 256): 20 stage-one updates, 5 per round."""
     quick = ['--iters', '20', '--round-iters', '5', '--final-round-iters', '5', '--tick', '5', '--quiet']
     gp.main(['stage1', '--teacher', 'toy:ring', '--run-dir', str(tmp_path / 's1'), *quick])
     gp.main(['stage2', '--teacher', str(tmp_path / 's1' / 'student.pt'), '--start-n', '4',
              '--run-dir', str(tmp_path / 's2'), '--eval-n', '0', *quick])
-    assert sorted(p.name for p in (tmp_path / 's2').glob('*.pt')) == ['student-n1.pt', 'student-n2.pt']
+    assert sorted(p.name for p in (tmp_path / 's2').glob('student*.pt')) == ['student-n1.pt', 'student-n2.pt']
+    rows = [json.loads(line) for line in open(tmp_path / 's1' / 'stats.jsonl')]
+    assert [r['iteration'] for r in rows] == [5, 10, 15, 20]  # 20 updates, not 20 x 256 / 1000 kimg
     rows = [json.loads(line) for line in open(tmp_path / 's2' / 'stats.jsonl')]
     assert [r['stage'] for r in rows] == ['stage2-n2', 'stage2-n1']
     assert rows[0]['lr'] == pytest.approx(1e-3 / 5)  # the toy's lr, annealed linearly to 0 in 5 updates
     # A stage-two file continues the chain: its step count becomes start_n.
-    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(tmp_path / 's2' / 'student-n2.pt'), 'round_iters': 2,
-                             'final_round_iters': 2}, run_dir=str(tmp_path / 's3'))
-    assert [models.load_model(p)[1]['N'] for p in gp.stage_two(cfg, progress=False, log=lambda *a: None)] == [1]
+    cfg = gp.GuidedConfig(**{**RUN, 'teacher': str(tmp_path / 's2' / 'student-n2.pt'), 'round_kimg': 0.256,
+                             'final_round_kimg': 0.256}, run_dir=str(tmp_path / 's3'))
+    paths = gp.stage_two(cfg, progress=False, log=lambda *a: None)
+    assert [models.load_model(p)[1]['N'] for p in paths] == [1]
     with pytest.raises(ValueError, match='stage-one .or stage-two. student file'):
         gp.stage_two(gp.GuidedConfig(teacher='toy:ring', run_dir=str(tmp_path / 'x')), log=lambda *a: None)
 
@@ -381,7 +415,7 @@ def test_image_teacher_code_path(tmp_path):
     models.save_model(tmp_path / 'uncond.pt', unet.EDMPrecond(**kw))
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(32) % 10
-    run = dict(device='cpu', batch=4, iters=3, round_iters=2, final_round_iters=2, tick=2)
+    run = dict(device='cpu', batch=4, kimg=0.012, round_kimg=0.008, final_round_kimg=0.008, tick_kimg=0.008)
     cfg = gp.GuidedConfig(teacher=str(tmp_path / 'cond.pt'), uncond=str(tmp_path / 'uncond.pt'),
                           run_dir=str(tmp_path / 's1'), **run)
     net, meta = gp.stage_one(cfg, dataset=(images, labels), progress=False, log=lambda *a: None)
@@ -395,3 +429,135 @@ def test_image_teacher_code_path(tmp_path):
     cfg = gp.GuidedConfig(teacher=str(tmp_path / 'cond.pt'), uncond='', run_dir=str(tmp_path / 'y'), **run)
     with pytest.raises(ValueError, match='labels in'):
         gp.stage_one(cfg, dataset=(images, labels + 5), log=lambda *a: None)
+
+
+def test_old_flags_are_hidden_aliases_that_keep_the_update_counts(capsys):
+    """--iters N (updates) is kimg = N x batch / 1000 exactly, so the run makes N updates at any batch;
+    -h shows the new names and says the old ones still work, without listing them as flags."""
+    for batch in (1, 3, 4, 16, 32, 100, 128, 256, 512, 1000, 4096):
+        for n in (1, 2, 3, 7, 20, 100, 200, 600, 1500, 2000, 3000, 50_000, 100_000, 123_457):
+            kimg = guided_pd_run.kimg_of(n, batch)
+            assert kimg * 1000 == n * batch and train.iterations_for(kimg, batch) == n, (n, batch, kimg)
+    with pytest.raises(SystemExit):
+        gp.main(['-h'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '--t-min' in text and '--round-kimg' in text and 'old names --sigma-min / --sigma-max' in text
+    assert '--iters N (updates)' in text
+    assert '--sigma-min SIGMA_MIN' not in text and '--iters ITERS' not in text  # hidden
+
+
+def test_guided_pd_copied_alone_computes_both_losses(tmp_path):
+    """guided_pd.py next to solvers.py in an empty folder: one stage-one and one stage-two loss on
+    a denoiser that is neither EDM's nor diffusers' (any D(x, sigma, class_labels, guidance))."""
+    for name in ('guided_pd.py', 'solvers.py'):
+        shutil.copy(ROOT / name, tmp_path / name)
+    script = textwrap.dedent('''
+        import torch, guided_pd
+        class D(torch.nn.Module):                       # D(x, sigma) = a x / (1 + sigma^2) + b w + c y
+            use_guidance_condition, sigma_data = True, 0.5
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.c = (torch.nn.Parameter(torch.tensor(v)) for v in (0.5, 0.0, 0.1))
+            def forward(self, x, sigma, class_labels=None, guidance=None):
+                s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+                g = torch.as_tensor(0.0 if guidance is None else guidance, dtype=x.dtype).reshape(-1, 1)
+                return self.a * x / (1 + s ** 2) + self.b * g + self.c * class_labels[:, :2]
+        cfg, gen = guided_pd.GuidedConfig(), torch.Generator().manual_seed(0)
+        x0, y = torch.randn(8, 2, generator=gen), torch.eye(3)[torch.arange(8) % 3]
+        teacher = guided_pd.guided_teacher(D().eval())
+        student = guided_pd.make_student(D())
+        one = guided_pd.stage_one_loss(student, teacher, x0, y, cfg, gen)
+        one.backward()
+        two = guided_pd.stage_two_loss(student, student, x0, y, 4, cfg, gen, 'snr_trunc')
+        print('ok', one.item() > 0, student.b.grad.item() != 0, two.item() >= 0, guided_pd.rounds(cfg)[-1])
+    ''')
+    out = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ['ok', 'True', 'True', 'True', '1']
+
+
+TINY = dict(device='cpu', seed=3, lr=1e-3, batch=32, ema=0.99, kimg=0.192, round_kimg=0.096,
+            final_round_kimg=0.096, tick_kimg=0.064, snapshot_kimg=0.032)  # 6 stage-one updates, 3 per round
+
+
+def weights(path):
+    return models.load_model(path)[0].state_dict()
+
+
+def test_both_stages_resume_bit_for_bit(stage1, tmp_path):
+    """train.py's resume: stage one stopped half-way and continued (its kimg may grow on resume),
+    stage two stopped inside a round and at a round's end: every student file is bit-identical to
+    an uninterrupted run's, and stats.jsonl never repeats an iteration."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    one = dict(TINY, teacher='toy:ring', uncond='')
+    gp.stage_one(gp.GuidedConfig(**one, run_dir=str(tmp_path / 'a1')), **quiet)
+    gp.stage_one(gp.GuidedConfig(**dict(one, kimg=0.096), run_dir=str(tmp_path / 'b1')), **quiet)
+    gp.stage_one(gp.GuidedConfig(kimg=0.192), resume=str(tmp_path / 'b1'), explicit={'kimg'}, **quiet)
+    a, b = weights(tmp_path / 'a1' / 'student.pt'), weights(tmp_path / 'b1' / 'student.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    two = dict(TINY, teacher=str(stage1[2]), start_n=8)  # rounds of 4, 2 and 1 steps, 3 updates each
+    full = gp.stage_two(stage2(**two, run_dir=str(tmp_path / 'a2')), **quiet)
+    assert [p.name for p in full] == ['student-n4.pt', 'student-n2.pt', 'student-n1.pt']
+    for stop in (4, 6):  # inside the 2-step round; at its end
+        run = tmp_path / f'b2-{stop}'
+        gp.stage_two(stage2(**two, run_dir=str(run)), stop_at_iteration=stop, **quiet)
+        assert not (run / 'student-n1.pt').exists()
+        paths = gp.stage_two(gp.GuidedConfig(), resume=str(run), explicit=set(), **quiet)
+        for p, q in zip(full, paths):
+            a, b = weights(p), weights(q)
+            assert all(torch.equal(a[k], b[k]) for k in a), (stop, q)
+        its = [json.loads(line)['iteration'] for line in open(run / 'stats.jsonl')]
+        assert its == sorted(set(its)) and its[-1] == 9
+    with pytest.raises(ValueError, match='a stage2 run; continue it with python guided_pd.py stage2'):
+        gp.stage_one(gp.GuidedConfig(), resume=str(run), explicit=set(), **quiet)
+    with pytest.raises(ValueError, match='the run was made with --round-kimg 0.096'):
+        gp.stage_two(gp.GuidedConfig(round_kimg=1.0), resume=str(run), explicit={'round_kimg'}, **quiet)
+
+
+def test_accumulation_makes_the_same_updates(stage1, tmp_path):
+    """--accumulate 2: each update sums two half-batches' gradients, the update of the whole batch
+    (equal up to float summation order) in half the memory; both stages."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    for R in (1, 2):
+        one = dict(TINY, teacher='toy:ring', uncond='', accumulate=R)
+        gp.stage_one(gp.GuidedConfig(**one, run_dir=str(tmp_path / f's1-{R}')), **quiet)
+        gp.stage_two(stage2(**dict(TINY, teacher=str(stage1[2]), start_n=4, accumulate=R),
+                            run_dir=str(tmp_path / f's2-{R}')), **quiet)
+    for f in ('s1-{}/student.pt', 's2-{}/student-n2.pt', 's2-{}/student-n1.pt'):
+        a, b = weights(tmp_path / f.format(1)), weights(tmp_path / f.format(2))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f'{f} {k}')
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(stage1, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of the same global batch drawn from one
+    generator, so both stages' students equal a 1-process run's up to float reduction order."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    flags = ['--device', 'cpu', '--seed', '3', '--lr', '1e-3', '--batch', '32', '--ema', '0.99', '--quiet',
+             '--kimg', '0.096', '--round-kimg', '0.064', '--final-round-kimg', '0.064']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    for stage, extra in (('stage1', ['--teacher', 'toy:ring', '--uncond', '']),
+                         ('stage2', ['--teacher', str(stage1[2]), '--start-n', '4', '--eval-n', '0'])):
+        out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                              f'--master_port={free_port()}', str(ROOT / 'guided_pd.py'), stage, *extra,
+                              *flags, '--run-dir', str(tmp_path / f'ddp-{stage}')], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one = dict(device='cpu', seed=3, lr=1e-3, batch=32, ema=0.99, kimg=0.096, round_kimg=0.064,
+               final_round_kimg=0.064)
+    gp.stage_one(gp.apply_defaults(gp.GuidedConfig(**one, teacher='toy:ring', uncond='', run_dir=str(
+        tmp_path / 'one-stage1')), 'stage1', explicit=[*one, 'teacher', 'uncond', 'run_dir']), **quiet)
+    gp.stage_two(stage2(**one, teacher=str(stage1[2]), start_n=4, run_dir=str(tmp_path / 'one-stage2')),
+                 **quiet)
+    for f in ('{}-stage1/student.pt', '{}-stage2/student-n2.pt', '{}-stage2/student-n1.pt'):
+        a, b = weights(tmp_path / f.format('one')), weights(tmp_path / f.format('ddp'))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f'{f} {k}')

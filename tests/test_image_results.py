@@ -1,4 +1,4 @@
-"""benchmarks/image_results.py runs end to end on the quick image teacher and measures what it says.
+"""experiments/image_results.py runs end to end on the quick image teacher and measures what it says.
 
 No number of the real run is asserted (the README reports them); this keeps the script from
 rotting, recomputes one of its metric A values independently, and checks that students are reused.
@@ -15,7 +15,7 @@ import models
 import solvers
 import toy
 
-sys.path.insert(0, str(ROOT / 'benchmarks'))
+sys.path.insert(0, str(ROOT / 'experiments'))
 import image_results  # noqa: E402
 
 ZIP = SHARED_DATA / 'cifar10-jpeg-train.zip'

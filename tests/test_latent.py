@@ -1,11 +1,12 @@
-"""Tests for latent.py: diffusers UNets as EDM-form denoisers, at parity with diffusers' own loops.
+"""Tests for latent.py and hub.py: diffusers UNets as EDM-form denoisers, at parity with diffusers' loops.
 
 Everything is built from config (tiny random UNets, VAE, CLIP text encoder, a 54-token tokenizer)
 in float64; nothing is downloaded. The parity statement these tests prove:
     solvers.sample(latent.wrap(unet, scheduler) [+ latent.guided], x = sqrt(1 + t_0^2) z_T, t_steps, s)
 equals diffusers' scheduler loop started from z_T when
-    s = 'dpmpp2m', t_steps = net.schedule(N) (= scheduler.sigmas: sigma at its linspace timesteps, then 0),
-    s = 'euler',   t_steps = net.schedule(N, 'leading', 'sigma_min') (DDIM with SD's config; the result
+    s = 'dpmpp2m', t_steps = net.discrete_grid(N) (= scheduler.sigmas: sigma at its linspace timesteps,
+                   then 0),
+    s = 'euler',   t_steps = net.discrete_grid(N, 'leading', 'sigma_min') (DDIM with SD's config; the result
                    is x / sqrt(1 + sigma_0^2)).
 Measured here (max |difference| / max |z|): stock diffusers <= 3.0e-7 (its DPM step casts the sample to
 float32, DDIM uses float32 abar), so the bound is 1e-6; with those casts taken out <= 5e-15 relative
@@ -23,6 +24,7 @@ import pytest
 import torch
 from conftest import ROOT, Counter
 
+import hub
 import latent
 import solvers
 
@@ -55,11 +57,8 @@ def _randomize(module, seed):
     return module
 
 
-@pytest.fixture(scope='module')
-def parts():
+def tiny_parts():
     """Tiny SD-like components in float64: UNet (latents 4x8x8), VAE (2x down), CLIP text, tokenizer."""
-    if not HAVE:
-        pytest.skip(f'the optional extra is not installed ({latent.EXTRA})')
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
@@ -81,6 +80,13 @@ def parts():
     for i, m in enumerate((unet, vae, text)):
         _randomize(m.double().eval(), i)
     return dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tok)
+
+
+@pytest.fixture(scope='module')
+def parts():
+    if not HAVE:
+        pytest.skip(f'the optional extra is not installed ({latent.EXTRA})')
+    return tiny_parts()
 
 
 def _dpm(prediction_type='epsilon', **kw):
@@ -273,7 +279,7 @@ def _dpm_castfree(sched, eps, z, N):
 @pytest.mark.parametrize('omega', [None, 7.5])
 @pytest.mark.parametrize('N', [5])
 def test_dpmpp2m_is_diffusers_dpm_solver(parts, conds, prediction_type, omega, N):
-    """DPM-Solver++(2M) over net.schedule(N) = DPMSolverMultistepScheduler's loop (with/without CFG)."""
+    """DPM-Solver++(2M) over net.discrete_grid(N) = DPMSolverMultistepScheduler's loop (with/without CFG)."""
     unet, (c, u, z_T) = parts['unet'], conds
     eps = _eps_fn(unet, c, u, omega)
     sched = _dpm(prediction_type)
@@ -284,7 +290,7 @@ def test_dpmpp2m_is_diffusers_dpm_solver(parts, conds, prediction_type, omega, N
             z = sched.step(eps(z, t), t, z).prev_sample
         z_exact = _dpm_castfree(_dpm(prediction_type), eps, z_T, N)
     net = latent.wrap(unet, sched)
-    t_steps = net.schedule(N)
+    t_steps = net.discrete_grid(N)
     assert torch.equal(t_steps, sched.sigmas.double())  # the same grid, bit for bit
     x = _ours(net, z_T, t_steps, 'dpmpp2m', c, u, omega)
     assert _rel(x, z) < STOCK and _rel(x, z_exact) < CASTFREE
@@ -306,7 +312,7 @@ def test_euler_is_diffusers_ddim(parts, conds, prediction_type, omega):
     unet, (c, u, z_T), N = parts['unet'], conds, 4
     eps = _eps_fn(unet, c, u, omega)
     net = latent.wrap(unet, _ddim(prediction_type))
-    t_steps = net.schedule(N, 'leading', 'sigma_min')
+    t_steps = net.discrete_grid(N, 'leading', 'sigma_min')
     x = _ours(net, z_T, t_steps, 'euler', c, u, omega)
     z_ours = net.decode(x, sigma=t_steps[-1])  # DDIM returns the VP latent z = x / sqrt(1 + sigma_0^2)
     for castfree, bound in ((False, STOCK), (True, CASTFREE)):
@@ -341,7 +347,7 @@ def test_stable_diffusion_pipeline_end_to_end(parts):
         run = lambda out: pipe(prompts, num_inference_steps=N, guidance_scale=7.5, latents=z_T,
                                output_type=out)
         z_ref, img_ref = run('latent').images, run('pt').images
-    x = _ours(net, z_T, net.schedule(N), 'dpmpp2m', c, u, 7.5)
+    x = _ours(net, z_T, net.discrete_grid(N), 'dpmpp2m', c, u, 7.5)
     assert _rel(x, z_ref) < STOCK
     img = net.decode(x)
     assert img.shape == (2, 3, 16, 16) and _rel((img / 2 + 0.5).clamp(0, 1), img_ref) < STOCK
@@ -364,7 +370,7 @@ def test_pixel_ddpm_unet2d_parity():
     with torch.no_grad():
         for t in sched.timesteps:
             z = sched.step(unet(z, t).sample, t, z).prev_sample
-    x = solvers.sample(net, latent.init_scale(net.sigma_max) * z_T, net.schedule(6), 'dpmpp2m')
+    x = solvers.sample(net, latent.init_scale(net.sigma_max) * z_T, net.discrete_grid(6), 'dpmpp2m')
     assert _rel(x, z) < STOCK and torch.equal(net.decode(x), x)
 
 
@@ -374,7 +380,7 @@ def test_every_solver_runs_with_guidance_and_counts_calls(parts, conds):
     each evaluation is one batched UNet call on 2B samples (= 2 NFE), w = 0 is one call on B."""
     c, u, z_T = conds
     counted = Counter(latent.wrap(parts['unet'], _dpm()))
-    t_steps = counted.net.schedule(3)  # 3 steps ending at 0
+    t_steps = counted.net.discrete_grid(3)  # 3 steps ending at 0
     for name in solvers.SOLVERS:
         counted.calls = 0
         x = solvers.sample(latent.guided(counted, 6.5, u), latent.init_scale(t_steps[0]) * z_T, t_steps, name,
@@ -396,6 +402,18 @@ def test_every_solver_runs_with_guidance_and_counts_calls(parts, conds):
 # ---------------------------------------------------------------------------------------------
 # VAE, prompts, the module's parts
 # ---------------------------------------------------------------------------------------------
+
+@needs_diffusers
+def test_protocol_schedule_is_the_timestep_uniform_grid(parts):
+    """net.schedule(n, t_min, t_max, kind, rho), the protocol's grid of a model's own kind: UNIFORM only."""
+    net = latent.wrap(parts['unet'], _dpm())
+    for rho in (1.0, 2.0):
+        t = net.schedule(4, 0.1, 10.0, latent.UNIFORM, rho)
+        assert torch.equal(t, latent.uniform_schedule(4, 0.1, 10.0, net.sigmas, rho))
+    assert t.dtype == torch.float64 and len(t) == 5 and (t[0], t[-1]) == (10.0, 0.1)
+    with pytest.raises(ValueError, match="unknown schedule 'polynomial'"):
+        net.schedule(4, 0.1, 10.0, 'polynomial')
+
 
 @needs_diffusers
 def test_vae_encode_decode_scaling_and_shapes(parts):
@@ -466,7 +484,7 @@ def test_load_saved_pipelines(parts, tmp_path):
     sd_sched = PNDMScheduler(**SD, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)  # SD's own
     StableDiffusionPipeline(**parts, scheduler=sd_sched, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(tmp_path / 'sd')
-    net, meta = latent.load(tmp_path / 'sd', dtype=torch.float64)
+    net, meta = hub.load(tmp_path / 'sd', dtype=torch.float64)
     assert json.loads(json.dumps(meta)) == meta
     want = dict(kind='diffusers', pipeline='StableDiffusionPipeline', shape=[4, 8, 8], latent=True,
                 image_shape=[3, 16, 16], text=True, prediction_type='epsilon', init_scale='vp', guidance=6.5,
@@ -474,11 +492,11 @@ def test_load_saved_pipelines(parts, tmp_path):
     assert {k: meta[k] for k in want} == want
     r = meta['sampling']
     assert set(r) >= {'solver', 'nfe', 'afs', 'schedule', 'rho', 't_min', 't_max', 'ends_at_zero', 't_steps'}
-    assert r['t_steps'] == net.schedule(r['nfe']).tolist()
+    assert r['t_steps'] == net.discrete_grid(r['nfe']).tolist()
     assert r['t_max'] == meta['sigma_max'] == r['t_steps'][0]
     assert solvers.nfe(r['solver'], len(r['t_steps']) - 1, r['afs'], r['ends_at_zero']) == r['nfe']
     assert net.steps_offset == 1  # from the scheduler's config: DDIM/PNDM's leading grid
-    assert net.schedule(4, 'leading')[:-1].tolist() == net.sigmas[[751, 501, 251, 1]].tolist()
+    assert net.discrete_grid(4, 'leading')[:-1].tolist() == net.sigmas[[751, 501, 251, 1]].tolist()
     ref = latent.wrap(parts['unet'], sd_sched, vae=parts['vae'], text_encoder=parts['text_encoder'],
                       tokenizer=parts['tokenizer'])
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
@@ -489,7 +507,7 @@ def test_load_saved_pipelines(parts, tmp_path):
     pixels = UNet2DModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                          down_block_types=('DownBlock2D',) * 2, up_block_types=('UpBlock2D',) * 2)
     DDPMPipeline(unet=pixels, scheduler=DDPMScheduler()).save_pretrained(tmp_path / 'ddpm')
-    net, meta = latent.load(str(tmp_path / 'ddpm'))
+    net, meta = hub.load(str(tmp_path / 'ddpm'))
     assert (meta['shape'], meta['latent'], meta['text'], meta['guidance']) == ([3, 8, 8], False, False, None)
     assert next(net.parameters()).dtype == torch.float32 and net.vae is None
 
@@ -499,43 +517,43 @@ def test_load_errors(tmp_path, monkeypatch):
     """Offline and not cached: one error saying where the files go; bad folders and names: clear errors."""
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(ValueError, match=r'not \(completely\) in the Hugging Face cache .*hf download'):
-        latent.load('nobody-here/no-such-model-xyz')
+        hub.load('nobody-here/no-such-model-xyz')
     with pytest.raises(ValueError, match='no model_index.json'):
-        latent.load(tmp_path)
+        hub.load(tmp_path)
     with pytest.raises(ValueError, match='neither a folder nor a Hugging Face hub id'):
-        latent.load(str(tmp_path / 'a' / 'b'))
+        hub.load(str(tmp_path / 'a' / 'b'))
 
 
 def test_is_spec(tmp_path):
     """Which model names are diffusers pipelines (for the resolver's table of kinds)."""
     for hub_id in ('stable-diffusion-v1-5/stable-diffusion-v1-5', 'google/ddpm-cifar10-32'):
-        assert latent.is_spec(hub_id)
+        assert hub.is_spec(hub_id)
     (tmp_path / 'pipe').mkdir()
-    assert not latent.is_spec(tmp_path / 'pipe')
+    assert not hub.is_spec(tmp_path / 'pipe')
     (tmp_path / 'pipe' / 'model_index.json').write_text('{}')
-    assert latent.is_spec(tmp_path / 'pipe')
+    assert hub.is_spec(tmp_path / 'pipe')
     for other in ('runs/student.pt', 'cifar10', 'edm-cifar10-32x32-cond-vp', 'https://host/x/net.pkl',
                   'toy:moons', 'a/b/c'):
-        assert not latent.is_spec(other), other
-    (tmp_path / 'student').mkdir()  # a distilled student (latent.save_student) is a spec too
-    assert not latent.is_spec(tmp_path / 'student')
-    (tmp_path / 'student' / latent.STUDENT_FILE).write_text('{}')
-    assert latent.is_spec(tmp_path / 'student') and latent.is_student(tmp_path / 'student')
+        assert not hub.is_spec(other), other
+    (tmp_path / 'student').mkdir()  # a distilled student (hub.save_student) is a spec too
+    assert not hub.is_spec(tmp_path / 'student')
+    (tmp_path / 'student' / hub.STUDENT_FILE).write_text('{}')
+    assert hub.is_spec(tmp_path / 'student') and hub.is_student(tmp_path / 'student')
 
 
 def test_missing_extra_gives_one_error(monkeypatch):
     """Without diffusers: the module imports and works on schedules; load names the requirements file."""
     code = ('import sys; sys.modules["diffusers"] = None; sys.modules["transformers"] = None\n'
-            'import latent\n'
+            'import hub, latent\n'
             'assert latent.discrete_timesteps(4) == [999, 749, 500, 250]\n'
-            'try:\n    latent.load("stable-diffusion-v1-5/stable-diffusion-v1-5")\n'
+            'try:\n    hub.load("stable-diffusion-v1-5/stable-diffusion-v1-5")\n'
             'except ImportError as e:\n    print(e)\n')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 'pip install -r requirements-latent.txt' in out.stdout
     monkeypatch.setitem(sys.modules, 'diffusers', None)
     with pytest.raises(ImportError, match=r'pip install -r requirements-latent\.txt') as e:
-        latent.load('google/ddpm-cifar10-32')
+        hub.load('google/ddpm-cifar10-32')
     assert isinstance(e.value, ValueError)  # also a ValueError: a CLI ends with one `error:` line (cli.run)
 
 
@@ -543,16 +561,19 @@ def test_missing_extra_gives_one_error(monkeypatch):
 # Through the resolver and sample.py (what a user runs)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def sd_folder(parts, tmp_path_factory):
-    """A tiny Stable Diffusion pipeline saved as diffusers saves one (float32 weights)."""
+def save_tiny_sd(parts, folder):
+    """`folder`: the tiny Stable Diffusion pipeline of `parts` saved as diffusers saves one (float32)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
-    folder = tmp_path_factory.mktemp('pipelines') / 'sd'
     p32 = {k: (copy.deepcopy(v).float() if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
     StableDiffusionPipeline(**p32, scheduler=PNDMScheduler(**SD, skip_prk_steps=True, steps_offset=1),
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope='module')
+def sd_folder(parts, tmp_path_factory):
+    return save_tiny_sd(parts, tmp_path_factory.mktemp('pipelines') / 'sd')
 
 
 @needs_diffusers

@@ -4,6 +4,7 @@ NVIDIA's EDM code is never imported here: the pickle tests write their own faith
 of an EDM snapshot (the torch_utils.persistence structure) with a pure-Python pickler.
 """
 import collections
+import copy
 import io
 import math
 import pickle
@@ -14,10 +15,65 @@ import pytest
 import torch
 from torch import nn
 
+import hub
 import models
 import solvers
+import toy
 import unet
+from test_latent import HAVE, save_tiny_sd, tiny_parts
 from test_unet import VARIANTS, Probe, inputs, tiny
+
+# ------------------------------------------------------------------------------------------------
+# The denoiser protocol: every kind of network implements it
+# ------------------------------------------------------------------------------------------------
+
+def _protocol_net(kind, tmp_path):
+    """A small network of each kind models.load returns (the diffusers one skips without the extra)."""
+    if kind == 'toy':
+        return toy.toy_net(label_dim=3, width=16, depth=2).eval()
+    if kind == 'edm':
+        return tiny('ddpmpp', label_dim=4)
+    if not HAVE:
+        pytest.skip('the optional extra (diffusers, transformers) is not installed')
+    return hub.load(save_tiny_sd(tiny_parts(), tmp_path / 'sd'))[0]
+
+
+@pytest.mark.parametrize('kind', ['toy', 'edm', 'diffusers'])
+def test_every_kind_implements_the_denoiser_protocol(kind, tmp_path):
+    """Toy MLP, EDM U-Net, diffusers UNet: the protocol's members with their types, the call, decode,
+    the step condition, and models.save_student written back as a spec that models.load reads."""
+    net = _protocol_net(kind, tmp_path)
+    assert isinstance(net, models.Denoiser) and not isinstance(nn.Linear(2, 2), models.Denoiser)
+    types = dict(label_dim=int, sigma_data=float, sigma_min=float, sigma_max=float, text=bool,
+                 use_step_condition=bool, use_guidance_condition=bool, shape=list)
+    for name, t in types.items():
+        assert type(getattr(net, name)) is t, name
+    assert net.shape == models.shape_of(net) == {'toy': [2], 'edm': [3, 8, 8], 'diffusers': [4, 8, 8]}[kind]
+    assert (net.label_dim, net.text) == {'toy': (3, False), 'edm': (4, False), 'diffusers': (0, True)}[kind]
+    assert 0 <= net.sigma_min < 1.0 < net.sigma_max and not net.use_step_condition
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *net.shape, generator=g, dtype=next(net.parameters()).dtype)
+    cond = dict(encoder_hidden_states=net.encode_prompts(['a cat', ''])) if net.text else {}
+    if net.label_dim:
+        cond['class_labels'] = torch.tensor([0, 1])
+    with torch.no_grad():
+        assert net(x, 1.0, **cond).shape == x.shape
+    images = net.decode(x)
+    assert images.shape == ((2, 3, 16, 16) if kind == 'diffusers' else x.shape)
+    assert kind == 'diffusers' or images is x  # pixel models: the samples are the images
+    student = copy.deepcopy(net).enable_step_condition()
+    assert student.use_step_condition and not net.use_step_condition
+    path = models.save_student(tmp_path / 'run', 'student', student, prior='edm', kind='protocol-test',
+                               sampling=solvers.Recipe(solver='euler', nfe=2))
+    assert path == tmp_path / 'run' / ('student' if kind == 'diffusers' else 'student.pt')
+    back, meta = models.load(path)
+    assert type(back) is type(net) and back.use_step_condition and meta['kind'] == 'protocol-test'
+    assert meta['sampling']['solver'] == 'euler' and meta['shape'] == net.shape
+    assert meta.get('init_scale') == ('edm' if kind == 'diffusers' else None)  # prior: diffusers' only
+    with torch.no_grad():
+        assert torch.equal(back(x, 1.0, step=2, **cond), student(x, 1.0, step=2, **cond))
+    with pytest.raises(TypeError, match='neither unet.EDMPrecond nor latent.Denoiser'):
+        models.save_student(tmp_path, 'other', nn.Linear(2, 2))
 
 # ------------------------------------------------------------------------------------------------
 # Our checkpoints

@@ -1,11 +1,13 @@
 """Tests for toy.py: data sets, the MLP denoiser in EDM's preconditioning, metrics, teachers; the image
 world toy:cifar10-16 (its data path on a fixture; its teacher, quick-sized, on the in-house zip)."""
+import copy
 import math
 
 import pytest
 import torch
 from conftest import SHARED_DATA
 
+import data
 import models
 import solvers
 import toy
@@ -184,6 +186,61 @@ def test_image_edm_loss_matches_its_formula():
     torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
 
 
+def test_teacher_training_is_the_plain_loop_bit_for_bit(tmp_path):
+    """train_toy and train_images run through train.py's loop; the cached teachers (keyed by their
+    settings) and every number measured with them need the plain loop's exact weights: the same
+    draws from one generator in the same order, Adam, the lr schedule, the EMA (written out here)."""
+    def plain(net, draw, steps, lr_at, beta_at, seed, **adam):
+        g = torch.Generator().manual_seed(seed)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), **adam)
+        for i in range(steps):
+            x, labels = draw(g)
+            loss = toy.edm_loss(net, x, labels, generator=g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt.param_groups:
+                group['lr'] = lr_at(i)
+            opt.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), net.parameters()):
+                    p_ema.lerp_(p, 1 - beta_at(i))
+        return ema
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+    new = toy.train_toy('ring', label_dropout=0.1, steps=40, batch=64, lr=2e-3, seed=1, progress=False)
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    net = toy.toy_net(label_dim=8)
+    toy.toy_net(label_dim=8)  # the plain loop built its EMA copy so
+
+    def points(g):
+        x, y = toy.toy_data('ring', 64, generator=g)
+        keep = (torch.rand(64, generator=g) >= 0.1).float()
+        return x, torch.nn.functional.one_hot(y, 8).float() * keep[:, None]
+    old = plain(net, points, 40, lambda i: 2e-3 * min(1.0, (40 - i) / 12), lambda i: 0.995, 1, lr=2e-3)
+    assert same(new, old) and torch.equal(after, torch.get_rng_state())
+    # The image recipe: uint8 images with x-flips, a warm-up lr and a growing EMA decay.
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 32, 32), generator=g, dtype=torch.uint8)
+    _write_zip(tmp_path / 'c.zip', images, torch.arange(12) % 10)
+    kw = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    new = toy.train_images('cifar10-16', kimg=0.03, batch=4, lr=1e-3, lr_rampup_kimg=0.02, ema_max=0.9,
+                           net=kw, source=str(tmp_path / 'c.zip'), seed=2, progress=False)
+    x_all = toy.image_data(str(tmp_path / 'c.zip'), 16)[0]
+    torch.manual_seed(2)
+
+    def batch(g):
+        x = data.to_float(x_all[torch.randint(12, (4,), generator=g)])
+        flip = torch.rand(4, generator=g) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(3), x), None
+    old = plain(toy.image_net(16, **kw).train(), batch, 8, lambda i: 1e-3 * min(1.0, (i + 1) * 4 / 20),
+                lambda i: min(0.9, (1 + i) / (10 + i)), 2, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    assert same(new, old)
+
+
 needs_data = pytest.mark.skipif(not (SHARED_DATA / 'cifar10-jpeg-train.zip').is_file(),
                                 reason='the in-house CIFAR-10 zips (../shared/data) are absent')
 
@@ -247,7 +304,7 @@ def test_image_teacher_runs_through_every_cli(quick_images, tmp_path, capsys):
     net, meta = models.load(str(tmp_path / 'sfd' / 'student.pt'))
     table = toy.before_after_table('cifar10-16', net, meta, models.load('toy:cifar10-16')[0], n=4)
     assert table.splitlines()[0].split()[-2:] == ['RMSE', '(A)'] and len(table.splitlines()) == 5
-    cfg = guided_pd.GuidedConfig(teacher='toy:cifar10-16:cond', iters=2, batch=4, tick=1,
+    cfg = guided_pd.GuidedConfig(teacher='toy:cifar10-16:cond', kimg=0.008, batch=4, tick_kimg=0.004,
                                  run_dir=str(tmp_path / 'g1'), device='cpu')
     guided_pd.stage_one(cfg, progress=False, log=lambda s: None)
     student, meta = models.load(str(tmp_path / 'g1' / 'student.pt'))
@@ -275,6 +332,7 @@ def test_image_teacher_sfd_v_second_stage_and_guided_stage_two_clis(quick_images
     its command line on the quick teacher, with the before/after tables in per-pixel RMSE."""
     import distill
     import guided_pd
+    import guided_pd_run
     common = ['--batch', '4', '--kimg', '0.008', '--device', 'cpu', '--quiet', '--eval-n', '0']
     v, s = tmp_path / 'v', tmp_path / 's'
     distill.main(['--teacher', 'toy:cifar10-16', '--method', 'sfd-v', '--run-dir', str(v)] + common)
@@ -287,14 +345,14 @@ def test_image_teacher_sfd_v_second_stage_and_guided_stage_two_clis(quick_images
                                    first_stage=models.load(str(v / 'student.pt')), n=4, ref_steps=8)
     assert table.splitlines()[0].endswith('RMSE (A)') and [r.split()[1] for r in table.splitlines()[2:]] == \
         ['student', 'DPM-Solver++(3M)', 'Euler', 'first']
-    g = ['--batch', '4', '--device', 'cpu', '--quiet', '--tick', '1']
-    guided_pd.main(['stage1', '--teacher', 'toy:cifar10-16:cond', '--iters', '2', '--run-dir',
+    g = ['--batch', '4', '--device', 'cpu', '--quiet', '--tick-kimg', '0.004']
+    guided_pd.main(['stage1', '--teacher', 'toy:cifar10-16:cond', '--kimg', '0.008', '--run-dir',
                     str(tmp_path / 'g1')] + g)
     guided_pd.main(['stage2', '--teacher', str(tmp_path / 'g1' / 'student.pt'), '--start-n', '4',
-                    '--round-iters', '1', '--final-round-iters', '1', '--run-dir', str(tmp_path / 'g2'),
+                    '--round-kimg', '0.004', '--final-round-kimg', '0.004', '--run-dir', str(tmp_path / 'g2'),
                     '--eval-n', '0'] + g)
     paths = sorted((tmp_path / 'g2').glob('*.pt'))
-    table = guided_pd.toy_table([str(q) for q in paths], n=4, ref_steps=8)
+    table = guided_pd_run.toy_table([str(q) for q in paths], n=4, ref_steps=8)
     # Per w (0, 1, 2, 4): the teacher's ODE, the students N = 2 and 1, DDIM-CFG at 2 and 1 steps.
     assert table[0].endswith('RMSE (A)') and len(table) == 1 + 4 * 5
     assert sum('teacher ODE' in r for r in table) == 4

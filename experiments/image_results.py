@@ -23,8 +23,8 @@ every --seeds, every other student for the first seed.
 Students are kept in --out (runs/image-results, shared with notebook 04) and reused when present.
 The results go to <out>/results.md and results.json as well.
 
-    python benchmarks/image_results.py                 # metric A only: about 70 minutes on 2 cores
-    python benchmarks/image_results.py --fid 2048      # + FIDs: about 30 minutes more
+    python experiments/image_results.py                 # metric A only: about 70 minutes on 2 cores
+    python experiments/image_results.py --fid 2048      # + FIDs: about 30 minutes more
 
 The CIFAR-10 images: the official archive (data.py downloads it once) or $SFD_CIFAR10 (toy.py).
 """
@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distill  # noqa: E402
 import guided_pd  # noqa: E402
+import guided_pd_run  # noqa: E402
 import models  # noqa: E402
 import sample  # noqa: E402
 import solvers  # noqa: E402
@@ -63,10 +64,9 @@ def train_student(name, seed, args, **settings):
     (net, meta, training seconds)."""
     run_dir = Path(args.out) / f'{name}-s{seed}'
     if not (run_dir / 'student.pt').is_file():
-        cfg = distill.SFDConfig(teacher=args.teacher, seed=seed, run_dir=str(run_dir), batch=args.batch,
-                                lr=args.lr, kimg=args.kimg, tick_kimg=1.0, snapshot_kimg=1e6, device='cpu')
-        for k, v in settings.items():
-            setattr(cfg, k, v)
+        cfg = distill.SFDConfig(**dict(dict(teacher=args.teacher, seed=seed, run_dir=str(run_dir), batch=args.batch,
+                                            lr=args.lr, kimg=args.kimg, tick_kimg=1.0, snapshot_kimg=1e6,
+                                            device='cpu'), **settings))
         t0 = time.time()
         distill.distill(cfg, progress=False, log=lambda *_: None)
         (run_dir / 'seconds.json').write_text(json.dumps(dict(seconds=time.time() - t0,
@@ -248,12 +248,13 @@ def guided_rows(args, world, table, steps=4):
     run_dir = Path(args.out) / f'guided-stage1-s{args.seeds[0]}'
     spec = f'toy:{world}:cond'
     if not (run_dir / 'student.pt').is_file():  # lr 1e-4: the official stage-one configs
-        cfg = guided_pd.GuidedConfig(teacher=spec, uncond='', iters=args.guided_iters, batch=args.batch,
-                                     lr=1e-4, ema=0.99, tick=50, seed=args.seeds[0], run_dir=str(run_dir),
-                                     device='cpu')
+        # --guided-iters updates of --batch samples; a stats row every 50 updates.
+        cfg = guided_pd.GuidedConfig(teacher=spec, uncond='', kimg=args.guided_iters * args.batch / 1000,
+                                     batch=args.batch, lr=1e-4, ema=0.99, tick_kimg=50 * args.batch / 1000,
+                                     seed=args.seeds[0], run_dir=str(run_dir), device='cpu')
         guided_pd.stage_one(cfg, progress=False, log=lambda *_: None)
     student, _ = models.load(str(run_dir / 'student.pt'))
-    D_w = guided_pd.load_cfg_teacher(spec)[0]
+    D_w = guided_pd_run.load_guided_teacher(spec)[0]
     n = max(args.n // 2, 8)
     zg = toy.eval_noise(n, seed=777, shape=[student.img_channels] + [student.img_resolution] * 2)
     labels = torch.eye(student.label_dim)[torch.arange(n) % student.label_dim]
