@@ -368,7 +368,8 @@ def check_output(path, flag):
         raise ValueError(f'{flag} {path} is a folder; give a file name')
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line of sample.py."""
     p = cli.parser(__doc__)
     p.add_argument('--model', default='cifar10-32x32-uncond-vp', help='a model spec (python models.py -h)')
     p.add_argument('--seeds', default='0-63', help='e.g. 0-63,100 (inclusive ranges)')
@@ -384,7 +385,7 @@ def main(argv=None):
                    help='append t = 0 (default: yes for heun/dpm2/euler as EDM, no for multistep)')
     p.add_argument('--stochastic', action='store_true', help="Meng et al.'s stochastic N-step sampler")
     p.add_argument('--class', dest='class_idx', type=int, help='class index (default: random per seed)')
-    p.add_argument('--guidance', type=float, help="guidance strength, Meng's w (SFD's omega = 1 + w)")
+    p.add_argument('--guidance', type=float, help="guidance weight, Meng's w (SFD's omega = 1 + w)")
     p.add_argument('--uncond', help='unconditional model for classifier-free guidance (default: null label)')
     p.add_argument('--prompt', help='text-conditioned models (Stable Diffusion): one prompt for every seed')
     p.add_argument('--prompts', help='a file of prompts (one per line, COCO captions .json, .csv with '
@@ -396,8 +397,11 @@ def main(argv=None):
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the network(s): same numbers, faster for many images (slow start)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
-    args = p.parse_args(argv)
-    # Every check a user can fail comes before any model is loaded or sample drawn.
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every check a user can fail, before any model is loaded or sample drawn; the seeds."""
     if not (args.grid or args.outdir or args.npz):
         raise ValueError('no output requested: add --grid FILE.png, --outdir DIR and/or --npz FILE.npz')
     if args.batch < 1:
@@ -410,17 +414,31 @@ def main(argv=None):
     seeds = parse_seeds(args.seeds)
     if args.prompt is not None and args.prompts:
         raise ValueError('give --prompt or --prompts, not both')
-    prompts = read_prompts(args.prompt, args.prompts)
-    per_seed = None if prompts is None else [prompts[j % len(prompts)] for j in range(len(seeds))]
     for path, flag in ((args.grid, '--grid'), (args.outdir, '--outdir'), (args.npz, '--npz')):
         check_output(path, flag)
     models.kind_of(args.model)  # an unknown spec fails before any download
+    return seeds
+
+
+def gather_in_seed_order(x, labels, n, world):
+    """Every rank's share (seeds[r::world]) back in seed order, on every rank."""
+    shares = [None] * world
+    dist.all_gather_object(shares, (x, labels))
+    order = torch.cat([torch.arange(r, n, world) for r in range(world)])  # seeds[r::world]
+    unshuffle = lambda parts: torch.cat(parts).index_copy(0, order, torch.cat(parts))
+    return unshuffle([x_r for x_r, _ in shares]), None if labels is None else unshuffle([y for _, y in shares])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seeds = check_args(args)
+    prompts = read_prompts(args.prompt, args.prompts)
+    per_seed = None if prompts is None else [prompts[j % len(prompts)] for j in range(len(seeds))]
     rank, world, device = cli.init_distributed(cli.device(args.device))
     net, meta = cli.rank_zero_first(lambda: models.load(args.model, device))  # rank 0 downloads first
     uncond = cli.rank_zero_first(lambda: models.load(args.uncond, device)[0]) if args.uncond else None
     if args.compile:  # fused kernels; attributes (label_dim, conditions) still read through the wrapper
         net, uncond = torch.compile(net), uncond if uncond is None else torch.compile(uncond)
-
     sampling = resolve_sampling(meta, args.nfe, net, solver=args.solver, schedule=args.schedule, rho=args.rho,
                                 t_min=args.t_min, t_max=args.t_max, afs=args.afs,
                                 ends_at_zero=args.ends_at_zero)
@@ -429,19 +447,13 @@ def main(argv=None):
     plan = make_plan(net, sampling, args.nfe, args.guidance, uncond, args.stochastic)
     if rank == 0:
         print(f'{args.model}: {len(seeds)} samples; {plan.describe()}')
-
-    mine = seeds[rank::world]
     write = (lambda s, x, y: save_images(x, s, args.outdir)) if args.outdir else None
-    x, labels = generate(net, mine, sampling, args.nfe, args.class_idx, args.guidance, uncond, args.batch,
-                         device, args.stochastic, progress=not args.quiet and rank == 0, on_batch=write,
-                         return_labels=True, prompts=None if prompts is None else per_seed[rank::world])
+    x, labels = generate(net, seeds[rank::world], sampling, args.nfe, args.class_idx, args.guidance, uncond,
+                         args.batch, device, args.stochastic, progress=not args.quiet and rank == 0,
+                         on_batch=write, return_labels=True,
+                         prompts=None if prompts is None else per_seed[rank::world])
     if world > 1 and (args.npz or args.grid):  # rank 0 puts every rank's share back in seed order
-        shares = [None] * world
-        dist.all_gather_object(shares, (x, labels))
-        order = torch.cat([torch.arange(r, len(seeds), world) for r in range(world)])  # seeds[r::world]
-        unshuffle = lambda parts: torch.cat(parts).index_copy(0, order, torch.cat(parts))
-        x = unshuffle([x_r for x_r, _ in shares])
-        labels = None if labels is None else unshuffle([y_r for _, y_r in shares])
+        x, labels = gather_in_seed_order(x, labels, len(seeds), world)
     if rank == 0:
         if args.npz:
             save_npz(args.npz, x, seeds, labels)

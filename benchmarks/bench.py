@@ -394,7 +394,7 @@ def main(argv=None):
                                ('sfd_iteration', bench_sfd, net, small(128, 4), device, args.repeat),
                                ('sampling', bench_sampling, net, small(256, 8), 10, device, args.repeat),
                                ('fid_features', bench_fid, small(250, 8), device, args.repeat, 2)]:
-        rows += steps.run(name, 0, fn, *fn_args) or []
+        steps.run(name, 0, lambda f, *a: rows.extend(f(*a)), fn, *fn_args)  # rows grow inside the step
     print(table(rows) + ''.join(f'\n{n}: FAILED {st["error"]}' for n, st in steps.status.items()
                                 if 'error' in st))
     return rows

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import distill  # noqa: E402
+import presets  # noqa: E402
 import latent  # noqa: E402
 
 SD_UNET = dict(sample_size=64, cross_attention_dim=768)  # SD v1.5's values; the rest are the class defaults
@@ -49,11 +50,12 @@ def denoiser(unet_kwargs):
 
 
 def recipe(args, net):
-    """SFD Table 6 for Stable Diffusion (distill.LATENT_DEFAULTS), one micro-batch per round."""
-    cfg = distill.SFDConfig(**{**distill.LATENT_DEFAULTS, 'accumulate': args.accumulate, 'batch': args.batch,
-                               'nfe': args.nfe, 'method': 'sfd-v' if args.sfd_v else 'sfd'})
-    cfg.t_max = net.check_levels(cfg.t_min, cfg.t_max)
-    return cfg
+    """SFD Table 6 for Stable Diffusion (presets.SFD['diffusers']), with this benchmark's batch."""
+    method = 'sfd-v' if args.sfd_v else 'sfd'
+    preset = {k: v for k, v in presets.SFD['diffusers'][method].items() if not callable(v)}
+    cfg = distill.SFDConfig(**{**preset, 'accumulate': args.accumulate, 'batch': args.batch, 'nfe': args.nfe,
+                               'method': method})
+    return presets.with_levels(cfg, net)  # t_max 0: the model's sigma_max
 
 
 def time_iteration(args, dev, unet_kwargs):
@@ -77,7 +79,7 @@ def time_iteration(args, dev, unet_kwargs):
     def one():
         x_N = cfg.t_max * torch.randn(args.batch, *teacher.shape, device=dev)
         targets = distill.teacher_targets(teacher, x_N, t_teacher, cfg.K, cfg.teacher_solver,
-                                          rounds=cfg.accumulate, **cond)
+                                          accumulate=cfg.accumulate, **cond)
         distill.sfd_iteration(student, opt, x_N, t_steps, targets, cfg, **cond, **step)
     one()  # warm-up: kernels chosen, Adam's state allocated
     sync()
@@ -143,7 +145,7 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument('--device', default='auto')
     p.add_argument('--batch', type=int, default=16, help='trajectories per iteration (SD: 16 per round)')
-    p.add_argument('--accumulate', type=int, default=1, help='rounds it is split into (as distill.py)')
+    p.add_argument('--accumulate', type=int, default=1, help='micro-batches it is split into (as distill.py)')
     p.add_argument('--nfe', type=int, default=2, help='student steps (the teacher takes K = 3 per step)')
     p.add_argument('--sfd-v', action='store_true', help="SFD-v's step condition on the student")
     p.add_argument('--grad-checkpointing', action='store_true')
@@ -164,7 +166,7 @@ def main(argv=None):
              f'{teacher_calls} teacher calls + {student_calls} student steps: {seconds:.3f} s'
              + (f', peak {peak:.2f} GB allocated' if peak is not None else '')]
     if sd and args.batch == 16 and args.accumulate == 1:
-        lines.append(f'  the recipe\'s 128 trajectories = 8 such rounds: ~{8 * seconds:.1f} s per iteration, '
+        lines.append(f'  the recipe\'s 128 trajectories = 8 such micro-batches: ~{8 * seconds:.1f} s per iteration, '
                      f'~{781 * 8 * seconds / 3600:.1f} h for 100 kimg (781 iterations) on this one GPU')
     if not args.no_estimate:
         lines += memory_table(args.batch // args.accumulate, args.sfd_v)

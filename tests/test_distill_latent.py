@@ -7,6 +7,7 @@ tokenizer) and saved as diffusers saves a pipeline; nothing is downloaded. Tests
 skip without the extra.
 """
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -23,6 +24,7 @@ import distill
 import hub
 import latent
 import models
+import presets
 import solvers
 
 pytestmark = [pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning'),
@@ -167,9 +169,8 @@ def test_sd_iteration_has_the_pixel_iterations_structure_and_lowers_its_loss(sd)
     assert (cfg.teacher_solver, cfg.K, cfg.t_min, cfg.afs, cfg.schedule, cfg.kimg, cfg.lr, cfg.batch,
             cfg.accumulate) == ('dpmpp2m', 3, 0.1, False, latent.UNIFORM, 100.0, 5e-5, 128, 8)
     net = _net64(sd)
-    cfg.t_max = net.check_levels(cfg.t_min, cfg.t_max)
+    cfg = dataclasses.replace(presets.with_levels(cfg, net), accumulate=1)  # t_max 0: the model's sigma_max
     assert cfg.t_max == net.sigma_max and abs(cfg.t_max - 14.6146) < 1e-4
-    cfg.accumulate = 1
     T, S = Recorder(net), Recorder(copy.deepcopy(net).train().requires_grad_(True))
     opt = torch.optim.Adam(S.parameters(), lr=cfg.lr)
     t_steps = distill.student_schedule(cfg, cfg.nfe, net)
@@ -201,25 +202,24 @@ def test_accumulation_2x2_equals_one_batch_of_4(sd):
     orders below a wrong accumulation), 2e-16 relative in the losses, and
     3.6e-14 in the teacher targets (|x| <= 50), solved in two rounds."""
     net = _net64(sd)
-    cfg = _cfg(sd, method='sfd-v')
-    cfg.t_max = net.sigma_max
+    cfg = _cfg(sd, method='sfd-v', t_max=net.sigma_max)
     g = torch.Generator().manual_seed(2)
     x_N = cfg.t_max * torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
     h = net.encode_prompts(PROMPTS[:4])
     t_steps = distill.student_schedule(cfg, 2, net)
     t_teacher = distill.grid(cfg, cfg.K * 2, net)
     one = distill.teacher_targets(net, x_N, t_teacher, cfg.K, 'dpmpp2m', encoder_hidden_states=h)
-    two = distill.teacher_targets(net, x_N, t_teacher, cfg.K, 'dpmpp2m', rounds=2, encoder_hidden_states=h)
+    two = distill.teacher_targets(net, x_N, t_teacher, cfg.K, 'dpmpp2m', accumulate=2, encoder_hidden_states=h)
     assert (one - two).abs().max() < 1e-12
     student = copy.deepcopy(net).train().requires_grad_(True).enable_step_condition()
     with torch.no_grad():  # a trained-looking projection, so the step condition matters
         student.unet.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=g)
     results = []
-    for rounds in (1, 2):
+    for micro in (1, 2):
         s = copy.deepcopy(student)
         opt = torch.optim.Adam(s.parameters(), lr=1e-3)
-        cfg.accumulate = rounds
-        losses = distill.sfd_iteration(s, opt, x_N, t_steps, one, cfg, encoder_hidden_states=h, step=3)
+        losses = distill.sfd_iteration(s, opt, x_N, t_steps, one, dataclasses.replace(cfg, accumulate=micro),
+                                       encoder_hidden_states=h, step=3)
         results.append((losses, torch.cat([p.detach().flatten() for p in s.parameters()])))
     (l1, p1), (l2, p2) = results
     assert np.allclose(l1, l2, rtol=1e-12, atol=0) and (p1 - p2).abs().max() < 1e-10
