@@ -17,6 +17,7 @@ Nothing here knows about diffusion; it imports torch only.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -177,7 +178,9 @@ def rank_zero_first(fn):
 # Run folders: numbered like EDM's, never shared by two runs, locked while written
 # ---------------------------------------------------------------------------------------------
 
-RUN_FILES = ('stats.jsonl', 'training-state.pt', 'student.pt')  # what marks a folder as a run's
+# What marks a folder as holding a run: a snapshot (stats.jsonl alone is a run that stopped before
+# its first snapshot, which a retry may take over: its rows are cut back when the retry starts).
+RUN_FILES = ('training-state.pt', 'student.pt', 'student')
 
 
 def new_run_dir(root, name):
@@ -188,7 +191,7 @@ def new_run_dir(root, name):
 
 
 def check_fresh_run_dir(run_dir, flag='--run-dir'):
-    """A new run never writes into a folder that holds another run's files."""
+    """A new run never writes into a folder that holds another run's snapshot."""
     found = [f for f in RUN_FILES if (Path(run_dir) / f).exists()] + \
         [p.name for p in Path(run_dir).glob('student-n*.pt')] if Path(run_dir).is_dir() else []
     if found:
@@ -196,20 +199,80 @@ def check_fresh_run_dir(run_dir, flag='--run-dir'):
                          f'--resume {run_dir}, or choose another folder')
 
 
+def _make_folder(path, flag):
+    """mkdir -p, and a test write: an impossible or unwritable folder is one clear error now."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f'.write-test-{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e}); choose another folder') from None
+
+
+def _allocate(root, name):
+    """A new numbered folder, created atomically: two runs started together get two numbers."""
+    for _ in range(1000):
+        path = new_run_dir(root, name)
+        _make_folder(path.parent, '--run-dir')
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue  # another run took this number a moment ago
+    raise ValueError(f'could not allocate a run folder under {root}')
+
+
+@contextlib.contextmanager
+def run_folder(run_dir, name, resume=False, root='runs'):
+    """The folder of a whole run, held under its lock from before the teacher is loaded to the end.
+
+    '' allocates runs/<next number>-<name> atomically; a given folder is created if needed, then
+    locked, and only under the lock checked to hold no other run (so two runs started together into
+    one folder cannot both pass). `resume` needs the folder's own snapshot instead. Rank 0 decides,
+    the other ranks receive the path."""
+    path, lock = None, None
+    if rank() == 0:
+        path = Path(run_dir) if run_dir else _allocate(root, name)
+        _make_folder(path, '--resume' if resume else '--run-dir')
+        lock = RunLock(path).__enter__()
+        try:
+            if not resume:
+                check_fresh_run_dir(path, '--run-dir')
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+    if dist.is_initialized():
+        shared = [str(path) if path else None]
+        dist.broadcast_object_list(shared, src=0)
+        path = Path(shared[0])
+    try:
+        yield path
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
 class RunLock:
     """run_dir/.lock while a process writes the run: a second writer is refused (a lock left by a
     process that no longer runs on this machine is taken over)."""
 
+    held = {}  # lock path -> how many times this process holds it (re-entrant: a run and its loop)
+
     def __init__(self, run_dir):
-        self.path = Path(run_dir) / '.lock'
+        self.path = Path(run_dir).absolute() / '.lock'
 
     def __enter__(self):
+        if RunLock.held.get(self.path):
+            RunLock.held[self.path] += 1
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.write(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode())
                 os.close(fd)
+                RunLock.held[self.path] = 1
                 return self
             except FileExistsError:
                 self.check()
@@ -234,7 +297,10 @@ class RunLock:
             return False
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        RunLock.held[self.path] -= 1
+        if not RunLock.held[self.path]:
+            del RunLock.held[self.path]
+            self.path.unlink(missing_ok=True)
 
 
 class StopOnSignal:

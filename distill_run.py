@@ -54,8 +54,8 @@ class SFDJob:
         """One iteration of Alg. 3 (vanilla) or Alg. 4-7 (the SFD family)."""
         cfg = self.cfg
         # SFD-v (Alg. 6, line 1): this iteration's NFE; its schedule, K times refined for the teacher.
-        self.nfe = cfg.nfe_list[int(torch.randint(len(cfg.nfe_list), (), generator=loop.gen))] \
-            if cfg.method == 'sfd-v' else cfg.nfe
+        draw = lambda: cfg.nfe_list[int(torch.randint(len(cfg.nfe_list), (), generator=loop.gen))]
+        self.nfe = draw() if cfg.method == 'sfd-v' else cfg.nfe
         t_steps = distill.student_schedule(cfg, self.nfe, self.student)
         N = len(t_steps) - 1
         t_teacher = distill.grid(cfg, cfg.K * N, self.student)
@@ -151,7 +151,8 @@ def resumed_state(run_dir):
     """The training state of the run folder `--resume` names, or one clear error."""
     state = train.read_state(run_dir)
     if state is None:
-        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a distill.py run folder)')
+        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a distill.py run folder, or a '
+                         f'run that stopped before its first snapshot: start it again with --run-dir {run_dir})')
     return state
 
 
@@ -168,12 +169,16 @@ def resolve_and_run(cfg, resume=None, stop_at_iteration=None, progress=True, log
 
 
 def run(cfg, state=None, stop_at_iteration=None, progress=True, log=print, on_tick=None):
-    """Train with resolved settings `cfg`; returns (student, summary)."""
-    run_dir = Path(cfg.run_dir or cli.new_run_dir('runs', default_run_name(cfg)))
-    if cfg.run_dir and state is None:
-        cli.check_fresh_run_dir(cfg.run_dir)
-    cli.RunLock(run_dir).check()  # a second writer is refused before the teacher is loaded
+    """Train with resolved settings `cfg` (continuing `state`); returns (student, summary). The run
+    folder is claimed under its lock before the teacher is loaded, and held to the end."""
     rank, world, device = cli.init_distributed(cli.device(cfg.device))
+    with cli.run_folder(cfg.run_dir, default_run_name(cfg), resume=state is not None) as run_dir:
+        return _train(cfg, state, run_dir, (rank, world, device), stop_at_iteration, progress, log, on_tick)
+
+
+def _train(cfg, state, run_dir, where, stop_at_iteration, progress, log, on_tick):
+    """The teacher, the student as its copy, the loop (train.fit), the closing line."""
+    rank, world, device = where
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(cfg.seed)  # new layers (SFD-v's step embedding) start alike on every rank
@@ -188,7 +193,6 @@ def run(cfg, state=None, stop_at_iteration=None, progress=True, log=print, on_ti
         snapshot_kimg=cfg.snapshot_kimg, precision=cfg.precision, compile=cfg.compile,
         compile_backend=cfg.compile_backend, desc=cfg.method, progress=progress)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log(describe(cfg, run_dir, device, world))
     job.teacher = train.compiled(teacher, settings)  # --compile: the teacher too
     loop = train.fit(job, settings, run_dir, state, stop_at_iteration, on_tick)
@@ -251,8 +255,8 @@ def main(argv=None, doc=None):
     if state is not None:
         flags['run_dir'] = args.resume
     method = flags.get('method', state['config']['method'] if state else SFDConfig.method)
-    cfg = presets.resolve(SFDConfig, method, flags, resumed=state and state['config'],
-                          world_size=cli.world_size())  # every bad setting, before any loading
+    cfg = presets.resolve(SFDConfig, method, flags, resumed=state and state['config'], world_size=cli.world_size(),
+                          typed=set(flags))  # every bad setting, before any loading
     student, summary = run(cfg, state, progress=not args.quiet)
     path = Path(summary['run_dir']) / 'student.pt'  # a diffusers student is the folder student/
     meta = models.load_meta(path) if cli.rank() == 0 and path.is_file() else {}

@@ -150,9 +150,10 @@ def world_of(spec):
 # Resolve: defaults < preset < resumed run < flags < derived < teacher, validated, frozen
 # ---------------------------------------------------------------------------------------------
 
-def resolve(cls, method, flags, resumed=None, validate=True, world_size=1):
+def resolve(cls, method, flags, resumed=None, validate=True, world_size=1, typed=None):
     """The frozen settings of a run. `flags`: {field: value} the user gave; `method`: SFD's
-    --method or guided's stage; `resumed`: the stored settings of the run being continued."""
+    --method or guided's stage; `resumed`: the stored settings of the run being continued;
+    `typed`: the flags a person typed (a command line), checked for settings the run would ignore."""
     table, resumable = TABLES[cls]
     explicit = dict(flags)
     if 'method' in (f.name for f in dataclasses.fields(cls)):
@@ -173,11 +174,28 @@ def resolve(cls, method, flags, resumed=None, validate=True, world_size=1):
     derived = {k: v(cfg) for k, v in preset.items() if callable(v) and k not in explicit and not resumed}
     cfg = dataclasses.replace(cfg, **derived)                                            # 5
     if cls is distill.SFDConfig and cfg.method == 'second-stage' and not resumed:        # 6
-        cfg = dataclasses.replace(cfg, **distill.second_stage_grid(models.load_meta(cfg.teacher), cfg.teacher))
+        teacher_grid = distill.second_stage_grid(models.load_meta(cfg.teacher), cfg.teacher)
+        clash = [k for k, v in teacher_grid.items() if k in (typed or ()) and getattr(cfg, k) != v]
+        if clash:
+            raise ValueError(', '.join(f'{flag(k)} {getattr(cfg, k)!r}' for k in clash) + ': the second stage '
+                             f'keeps its teacher\'s grid ({", ".join(f"{k}={v}" for k, v in teacher_grid.items())})')
+        cfg = dataclasses.replace(cfg, **teacher_grid)
+    if typed and not resumed and cls is distill.SFDConfig:
+        _refuse_ignored_sfd(cfg, typed)
     cfg = _lpips_available(cfg, explicit)
     if validate:
         (validate_sfd if cls is distill.SFDConfig else validate_guided)(cfg, world_size, method)
     return cfg
+
+
+def _refuse_ignored_sfd(cfg, typed):
+    """A flag the chosen method would ignore is refused, naming what it would need instead."""
+    ignored = {'nfe': cfg.method == 'sfd-v' and '--nfe-list (SFD-v trains every NFE of its list)',
+               'nfe_list': cfg.method != 'sfd-v' and '--method sfd-v (the others train one --nfe)',
+               'data': cfg.method != 'vanilla' and '--method vanilla (SFD draws no data: its teacher makes it)'}
+    for name, instead in ignored.items():
+        if instead and name in typed:
+            raise ValueError(f'{flag(name)} is not used by --method {cfg.method}: see {instead}')
 
 
 def with_levels(cfg, net):
@@ -265,7 +283,8 @@ def validate_sfd(cfg, world=1, method=None):
     need(cfg.batch % (world * cfg.accumulate) == 0, 'batch',
          f'must split evenly over the {world} processes x {cfg.accumulate} micro-batches')
     for name in ('kimg', 'tick_kimg', 'snapshot_kimg'):
-        need(_finite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, 'must be positive (in thousands)')
+        need(_finite(getattr(cfg, name)) and getattr(cfg, name) >= 0.001, name,
+             'must be at least 0.001 (in thousands: one trajectory)')
     need(_finite(cfg.t_min) and cfg.t_min > 0, 't_min', 'need 0 < t_min < t_max')
     need(_finite(cfg.t_max) and (cfg.t_max > cfg.t_min or (cfg.t_max == 0 and diffusers)), 't_max',
          'need 0 < t_min < t_max < inf')

@@ -97,7 +97,7 @@ ROWS = [  # (CLI, argv, exit status, fragment of the message)
     ('distill', ['--resume', '{d}/empty-run'], 2, 'no training-state.pt there'),
     ('distill', ['--resume', '{d}/broken-run'], 2, 'training-state.pt is unreadable'),
     # runs: never two in one folder; resume refuses settings that conflict with the run
-    ('distill', T + ['--run-dir', '{d}/run'], 2, 'already holds a run (stats.jsonl, training-state.pt, student.pt)'),
+    ('distill', T + ['--run-dir', '{d}/run'], 2, 'already holds a run (training-state.pt, student.pt)'),
     ('distill', ['--resume', '{d}/run', '--lr', '1'], 2, 'the run was made with --lr 0.0001'),
     ('distill', ['--resume', '{d}/run', '--method', 'sfd-v', '--K', '2'], 2, "--K 4, --method 'sfd'"),
     ('distill', ['--method', 'second-stage', '--teacher', '{d}/teacher.pt'], 2, 'needs a first-stage SFD/SFD-v'),
