@@ -13,7 +13,7 @@ The plumbing around them is written once, here:
     run folders numbered as EDM's (runs/00003-<name>), never shared by two runs, locked while a
                 process writes them; SIGINT / SIGTERM let a loop write its snapshot first
 
-Nothing here knows about diffusion; it imports torch only.
+Nothing here knows about diffusion; it imports torch and data.py (atomic writes) only.
 """
 
 import argparse
@@ -24,10 +24,13 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import data
 
 # ---------------------------------------------------------------------------------------------
 # Flags from a dataclass of settings
@@ -91,6 +94,7 @@ def run(main, argv=None):
     user can fix; FloatingPointError: a model or setting that diverged) becomes one line on stderr
     and exit status 2, as argparse's own errors do."""
     prog = os.path.basename(sys.argv[0]) or 'python'
+    warnings.formatwarning = lambda message, *_, **__: f'{prog}: warning: {message}\n'  # one line each
     try:
         main(argv)
         return
@@ -335,7 +339,5 @@ def open_stats(run_dir, iteration):
     if path.is_file():
         keep = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get('iteration', 0) <= iteration]
-        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-        tmp.write_text(''.join(line + '\n' for line in keep))
-        os.replace(tmp, path)
+        data.atomic_write(path, lambda tmp: Path(tmp).write_text(''.join(line + '\n' for line in keep)))
     return open(path, 'a')

@@ -9,6 +9,12 @@ Three things live here, and nothing else in the project opens a URL or an archiv
 * `ImageZipDataset(path)` -- a zip or folder of images with optional `dataset.json` labels,
   the layout written by EDM's `dataset_tool.py`.
 
+Where the project writes is checked here too, before anything slow: `check_writable(path, flag)`
+(an output file or folder that cannot be made: a file in the way, no permission, a read-only
+disk), `check_cache()` (the download cache, `$SFD_CACHE`), and `atomic_write`, which says "the
+disk is full" when it is. `mark_sample_set` / `check_sample_set` are the marker sample.py leaves in
+an --outdir, so that an interrupted set of images is never scored by fid.py as if it were complete.
+
 Pickled files are read with `RestrictedUnpickler`, which builds only the globals of an allow-list
 (models.py and inception.py read NVIDIA's network files with it too): loading never executes code.
 
@@ -16,15 +22,18 @@ Run `python data.py cifar10` to download and summarise the training set.
 """
 
 import codecs
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +50,100 @@ CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
 
 
 # ---------------------------------------------------------------------------------------------
+# Errors a user can act on (cli.run reports a ValueError as one line with exit status 2)
+# ---------------------------------------------------------------------------------------------
+
+class DownloadError(RuntimeError, ValueError):
+    """A file could not be fetched (offline, a wrong URL): the message says where to put it by hand.
+    A RuntimeError, as it always was, and a ValueError, so that every CLI reports it in one line."""
+
+
+class DiskFullError(ValueError):
+    """A write failed because the disk (or the user's quota) is full; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where we write: checked before anything slow starts
+# ---------------------------------------------------------------------------------------------
+
+def _in_the_way(path, kind):
+    """(why `path` can never be written -- a file or a broken link on the way -- or None, the
+    nearest folder on the way that exists). Looks only: nothing is created."""
+    path = Path(path).expanduser()
+    if kind == 'folder' and path.exists() and not path.is_dir():
+        return f'{path} is a file, not a folder', None
+    existing = path if kind == 'folder' else path.parent
+    while not existing.exists():
+        if existing.is_symlink():
+            return f'{existing} is a broken link', None
+        existing = existing.parent
+    if not existing.is_dir():
+        return f'{existing} is a file, not a folder', None
+    return None, existing
+
+
+def _denied(folder):
+    """Why this process may not create files in the existing `folder`, or None."""
+    if hasattr(os, 'statvfs') and os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f'{folder} is on a read-only file system'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'no permission to write in {folder}'
+    return None
+
+
+def _unwritable(path, kind):
+    """Why `path` (a 'file' to create or replace, or a 'folder' to create or fill) cannot be
+    written, or None: nothing on the way may be a file, and the nearest folder on the way that
+    exists must be one we may write in."""
+    why, existing = _in_the_way(path, kind)
+    return why or _denied(existing)
+
+
+def check_writable(path, flag, kind='file'):
+    """Refuse now, in one line naming `flag`, an output that could not be written later (after an
+    hour of sampling or training): kind 'file' (written through atomic_write: its folder must be
+    creatable and writable, and it must not be a folder) or 'folder'. Returns the path."""
+    if kind not in ('file', 'folder'):
+        raise TypeError(f"kind must be 'file' or 'folder', not {kind!r}")
+    path = Path(path).expanduser()
+    if kind == 'file' and path.is_dir():
+        raise ValueError(f'{flag} {path} is a folder; give a file name')
+    why = _unwritable(path, kind)
+    if why:
+        raise ValueError(f'{flag} {path}: cannot write there ({why}); choose another path')
+    return path
+
+
+def check_suffix(path, flag, suffixes, what):
+    """Refuse a file name whose suffix does not say what will be in it (a PNG under a .npz name)."""
+    if Path(path).suffix.lower() not in suffixes:
+        raise ValueError(f'{flag} {path}: {what} needs a name ending in {" or ".join(suffixes)}')
+
+
+# ---------------------------------------------------------------------------------------------
 # Downloads
 # ---------------------------------------------------------------------------------------------
 
-def cache_root(cache_dir=None) -> Path:
-    """The download cache: the argument, else `$SFD_CACHE`, else `~/.cache/diffdistill`."""
-    path = cache_dir or os.environ.get('SFD_CACHE') or Path.home() / '.cache' / PROJECT
-    return Path(path).expanduser()
+def cache_root(cache_dir=None, write=False) -> Path:
+    """The download cache: the argument, else `$SFD_CACHE`, else `~/.cache/diffdistill`.
+
+    A cache that is a file (or lies under one) is refused at once, in one line naming SFD_CACHE;
+    with `write=True` so is one that cannot be written (a read-only cache that already holds every
+    file needed is fine: a cached file is only read)."""
+    where = 'cache_dir' if cache_dir else 'SFD_CACHE' if os.environ.get('SFD_CACHE') else 'the default'
+    path = Path(cache_dir or os.environ.get('SFD_CACHE') or Path.home() / '.cache' / PROJECT).expanduser()
+    why, existing = _in_the_way(path, 'folder')
+    why = why or (_denied(existing) if write else None)
+    if why:
+        raise ValueError(f'the download cache {path} ({where}) cannot be used: {why}; set SFD_CACHE to a '
+                         'writable folder')
+    return path
+
+
+def check_cache(cache_dir=None) -> Path:
+    """The cache, refused now if it cannot be written: what a CLI calls before slow work whose
+    result is cached (a download, a toy teacher's training)."""
+    return cache_root(cache_dir, write=True)
 
 
 def sha256_of(path) -> str:
@@ -73,16 +169,47 @@ def _check(path: Path, sha256, url, delete: bool):
 
 def atomic_write(path, write):
     """Call write(tmp) on a temporary name beside `path`, then rename it onto `path`: readers see
-    no file, the old file or the whole new one, never half of one; nothing is left on failure."""
+    no file, the old file or the whole new one, never half of one; nothing is left on failure.
+    A full disk (or quota) is a DiskFullError that says so and names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        full = _disk_full(e, path.parent)  # measured while the partial file still takes its space
+        if full:
+            tmp.unlink(missing_ok=True)
+            raise DiskFullError(f'could not write {path}: {full}; free some space (or write elsewhere) '
+                                'and run again') from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL = 16 << 20  # bytes free below which a writer's vague failure is taken as a full disk
+
+
+def _disk_full(error, folder):
+    """'the disk is full ...' if `error` comes from a full disk, else None. An OSError says so by
+    its errno (here or in its chain); torch.save does not (a RuntimeError about 'file write failed'
+    or stream positions), so any other failure with (almost) no space left counts too."""
+    e = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            return f'the disk is full ({os.strerror(e.errno)})'
+        e = e.__cause__ or e.__context__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free < NEARLY_FULL and not isinstance(error, (ValueError, TypeError)):
+        return f'the disk is full ({free / 2 ** 20:.1f} MiB free; {type(error).__name__}: ' \
+               f'{(str(error).strip().splitlines() or [""])[0][:120]})'
+    return None
 
 
 def download(url, sha256=None, cache_dir=None) -> Path:
@@ -110,6 +237,7 @@ def download(url, sha256=None, cache_dir=None) -> Path:
             return dest
         except ValueError:
             pass  # a stale or corrupt cached copy: it was deleted, fetch it again
+    cache_root(cache_dir, write=True)  # refused before fetching, not after
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'{dest.name}.part{os.getpid()}')
     try:
@@ -126,8 +254,13 @@ def download(url, sha256=None, cache_dir=None) -> Path:
     except ValueError:
         raise
     except Exception as e:
-        raise RuntimeError(
-            f'Could not download {url} ({type(e).__name__}: {e}). If this machine is offline, '
+        full = _disk_full(e, dest.parent)
+        if full:
+            raise DiskFullError(f'could not write {dest}: {full}; free some space or set SFD_CACHE to '
+                                'another disk') from e
+        reason = ' '.join(str(e).split())[:200]  # one line, whatever urllib said
+        raise DownloadError(
+            f'Could not download {url} ({type(e).__name__}: {reason}). If this machine is offline, '
             f'fetch the file elsewhere and put it at {dest} (or set SFD_CACHE to a folder '
             f'holding it).') from e
     finally:
@@ -205,14 +338,18 @@ def load_cifar10(split='train', source=CIFAR10_URL, sha256=CIFAR10_SHA256, cache
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     path = download(source, sha256=sha256, cache_dir=cache_dir)
     images, labels = [], []
-    with tarfile.open(path, 'r:gz') as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        for name in names[split]:
-            if name not in members:
-                raise ValueError(f'{path} is not the CIFAR-10 python archive: no {name} in it')
-            batch = _safe_pickle_load(tar.extractfile(members[name]).read())
-            images.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b'labels'], dtype=np.int64))
+    try:
+        with tarfile.open(path, 'r:gz') as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            for name in names[split]:
+                if name not in members:
+                    raise ValueError(f'{path} is not the CIFAR-10 python archive: no {name} in it')
+                batch = _safe_pickle_load(tar.extractfile(members[name]).read())
+                images.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b'labels'], dtype=np.int64))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # truncated or not a .tar.gz
+        raise ValueError(f'{path} is not a readable CIFAR-10 archive ({type(e).__name__}: {e}); delete '
+                         'it and download it again') from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -221,6 +358,37 @@ def load_cifar10(split='train', source=CIFAR10_URL, sha256=CIFAR10_SHA256, cache
 # ---------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
+SAMPLE_SET = 'sample-set.json'  # sample.py's marker in an --outdir (see mark_sample_set)
+SAMPLE_SET_FORMAT = 'diffdistill-sample-set-v1'
+
+
+def image_files(folder):
+    """The image files under `folder` (recursively, any case of extension), sorted; [] if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def mark_sample_set(folder, complete, **info):
+    """Write folder/sample-set.json (atomically): what sample.py is writing there and whether it has
+    finished. sample.py writes it with complete=False before its first image and with complete=True
+    and the final `count` after its last, so a folder it started is complete only if it finished."""
+    text = json.dumps(dict(format=SAMPLE_SET_FORMAT, complete=bool(complete), **info), indent=1)
+    return atomic_write(Path(folder) / SAMPLE_SET, lambda tmp: Path(tmp).write_text(text + '\n'))
+
+
+def check_sample_set(where, marker, count):
+    """Refuse a folder (or zip) of images that sample.py started but did not finish, or whose images
+    were added or removed since: `marker` is its sample-set.json, `count` the images it holds.
+    A folder without the marker (a real data set, EDM's generate.py output) is not ours to judge."""
+    what = f'{marker.get("model", "a model")}, seeds {marker.get("seeds", "?")}'
+    if not marker.get('complete'):
+        raise ValueError(f'{where} is an unfinished sample set ({what}): sample.py was interrupted after '
+                         f'{count} images; sample again into an empty folder (or delete this one)')
+    if marker.get('count') != count:
+        raise ValueError(f'{where} holds {count} images, but sample.py wrote {marker.get("count")} there '
+                         f'({what}): images were added or removed; sample again into an empty folder')
 
 
 class ImageZipDataset(torch.utils.data.Dataset):
@@ -241,6 +409,10 @@ class ImageZipDataset(torch.utils.data.Dataset):
         self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
             raise ValueError(f'{self.path} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
+        self.sample_set = None  # sample.py's marker, where it wrote these images
+        if SAMPLE_SET in names:
+            self.sample_set = json.loads(self._read(SAMPLE_SET))
+            check_sample_set(self.path, self.sample_set, len(self.files))
         self.files = self.files[:max_size]
         self.labels = None
         if 'dataset.json' in names:
@@ -262,13 +434,24 @@ class ImageZipDataset(torch.utils.data.Dataset):
 
     def _zipfile(self):
         if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ValueError(f'{self.path} is neither a folder nor a readable zip of images '
+                                 f'({e})') from None
         return self._zip
 
+    def _where(self, name):
+        """How an error names one file: its path, or `name in archive.zip`."""
+        return str(self.path / name) if self.path.is_dir() else f'{name} in {self.path}'
+
     def _read(self, name) -> bytes:
-        if self.path.is_dir():
-            return (self.path / name).read_bytes()
-        return self._zipfile().read(name)
+        try:
+            if self.path.is_dir():
+                return (self.path / name).read_bytes()
+            return self._zipfile().read(name)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise ValueError(f'{self._where(name)} cannot be read ({type(e).__name__}: {e})') from None
 
     def __getstate__(self):
         return {**self.__dict__, '_zip': None}  # each worker reopens the zip for itself
@@ -277,9 +460,16 @@ class ImageZipDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
-            arr = np.asarray(img.convert('L' if img.mode in ('L', 'I;16', 'I') else 'RGB'))
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
+                arr = np.asarray(img.convert('L' if img.mode in ('L', 'I;16', 'I') else 'RGB'))
+        except UnidentifiedImageError:  # PIL's message would name a BytesIO, not the file
+            raise ValueError(f'{self._where(self.files[i])} is not an image PIL can read (corrupt or '
+                             'not an image): remove or replace it') from None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # e.g. a truncated PNG
+            raise ValueError(f'{self._where(self.files[i])} is a corrupt image ({e}): remove or replace '
+                             'it') from None
         arr = arr[:, :, None] if arr.ndim == 2 else arr  # HWC
         label = int(self.labels[i]) if self.labels is not None else -1
         return torch.from_numpy(arr.transpose(2, 0, 1).copy()), label
@@ -303,13 +493,19 @@ def load_images(source, split='train'):
     return ImageZipDataset(source).load_all()
 
 
-if __name__ == '__main__':
-    import argparse
-    parser = argparse.ArgumentParser(description='Download and summarise a data set.')
+def main(argv=None):
+    """python data.py [cifar10 | ZIP | FOLDER] [--split train|test]: load and summarise."""
+    import cli  # the one-line errors every CLI shares (same layer; imported only by the CLI)
+    parser = cli.Parser(description='Download and summarise a data set.')
     parser.add_argument('source', nargs='?', default='cifar10', help="'cifar10' or a zip/folder")
     parser.add_argument('--split', default='train', choices=['train', 'test'])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     x, y = load_images(args.source, args.split)
     print(f'{args.source} [{args.split}]: images {tuple(x.shape)} {x.dtype}, '
           f'labels {tuple(y.shape)} in [{int(y.min())}, {int(y.max())}], '
           f'pixel mean {x.float().mean():.2f}')
+
+
+if __name__ == '__main__':
+    import cli
+    cli.run(main)

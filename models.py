@@ -34,6 +34,9 @@ import io
 import itertools
 import json
 import pickle
+import shutil
+import sys
+import textwrap
 import time
 import typing
 from pathlib import Path
@@ -304,26 +307,36 @@ def _is_file(spec, *suffixes):
     return path.suffix in suffixes and ('://' in spec or path.is_file())
 
 
-def _load_toy(spec, device):
-    """A toy teacher (2-D: ~30 s; toy:cifar10-16: ~16 min on 2 cores), trained once
-    (toy.train_teacher) and cached in <download cache>/toy under a hash of its settings, so tests,
-    notebooks and every CLI share one copy."""
+def _toy_teacher(spec):
+    """(world name, its teacher's settings, the cached file) of a toy spec; an unknown one is refused."""
     name, _, flag = spec[4:].partition(':')
     if name not in toy.WORLDS or flag not in ('', 'cond'):
         raise ValueError(f'unknown toy spec {spec!r}: use toy:<name> or toy:<name>:cond with a name in '
                          f'{toy.WORLDS}')
     settings = toy.teacher_settings(name, cond=flag == 'cond')
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    path = data.cache_root() / 'toy' / f'toy-{name}{"-" + flag if flag else ""}-{key}.pt'
+    return name, settings, data.cache_root() / 'toy' / f'toy-{name}{"-" + flag if flag else ""}-{key}.pt'
+
+
+def _load_toy(spec, device):
+    """A toy teacher (2-D: ~30 s; toy:cifar10-16: ~16 min on 2 cores), trained once
+    (toy.train_teacher) and cached in <download cache>/toy under a hash of its settings, so tests,
+    notebooks and every CLI share one copy."""
+    name, settings, path = _toy_teacher(spec)
     if path.is_file():
         return load_model(path, device)
+    data.check_cache()  # the cache must take the teacher: refused now, not after its training
+    run_dir = path.with_suffix('.run')  # its snapshots: an interrupted training continues from them
+    print(f'{spec}: training this teacher once (2-D: ~30 s; cifar10-16: ~16 min on 2 CPU cores); it is cached '
+          f'as {path} for every later use; snapshots in {run_dir}', file=sys.stderr)
     t0 = time.time()
-    net = toy.train_teacher(settings, device=device)
+    net = toy.train_teacher(settings, device=device, run_dir=run_dir)
     meta = dict(kind='toy-teacher', toy=name, train=settings, shape=toy.sample_shape(name),
                 train_seconds=time.time() - t0, train_threads=torch.get_num_threads(),
                 train_device=str(device),
                 sampling=solvers.Recipe().to_dict())  # EDM's sampler
     save_model(path, net, **meta)
+    shutil.rmtree(run_dir, ignore_errors=True)  # the teacher is cached: its snapshots are done with
     return net, meta
 
 
@@ -363,6 +376,24 @@ def kind_of(spec):
     missing = ' (no such file)' if Path(spec).suffix in ('.pt', '.pth', '.pkl') else ''
     forms = '; '.join(form for form, _, _ in KINDS.values())
     raise ValueError(f'unknown model {spec!r}{missing}: expected {forms}')
+
+
+def check_spec(spec):
+    """A spec checked without loading anything (what a CLI calls before slow work): its form
+    (kind_of) and, where loading it would write into the download cache (a toy teacher not yet
+    trained, an EDM network not yet downloaded), a cache that can be written. Returns its kind."""
+    spec = str(spec)
+    kind = kind_of(spec)
+    if kind == 'toy':
+        cached = _toy_teacher(spec)[2]
+    elif kind in ('edm', 'pickle') and (_edm_name(spec) or '://' in spec):
+        url = EDM_URL.format(_edm_name(spec)) if _edm_name(spec) else spec
+        cached = data.cache_root() / Path(url.split('?')[0]).name
+    else:
+        return kind
+    if not cached.is_file():
+        data.check_cache()
+    return kind
 
 
 def shape_of(net):
@@ -420,11 +451,31 @@ def save_student(folder, name, net, **meta):
     raise TypeError(f'save_student: a {type(net).__name__} is neither unet.EDMPrecond nor latent.Denoiser')
 
 
-if __name__ == '__main__':
-    p = argparse.ArgumentParser(description='Resolve a model spec, load it and describe it.')
-    p.add_argument('spec', nargs='?', default='cifar10')
-    args = p.parse_args()
-    net, meta = load(args.spec)
+def spec_forms():
+    """The accepted spec forms (KINDS), one per line: what `python models.py -h` lists."""
+    return '\n'.join(textwrap.fill(form, 100, initial_indent=f'  {kind:10} ', subsequent_indent=' ' * 13,
+                                   break_on_hyphens=False)
+                     for kind, (form, _, _) in KINDS.items())
+
+
+def main(argv=None):
+    """python models.py SPEC [--device D]: resolve, load and describe a model spec."""
+    import cli  # layer 1: the one-line errors and devices every CLI shares
+    p = cli.Parser(description='Resolve a model spec, load it and describe it.',
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog='A spec is one of these forms (tried in this order):\n' + spec_forms())
+    p.add_argument('spec', nargs='?', default='cifar10', help='a model spec (default: %(default)s)')
+    p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:<index> or auto (default: %(default)s)')
+    args = p.parse_args(argv)
+    device = cli.device(args.device)
+    check_spec(args.spec)
+    net, meta = load(args.spec, device)
     print(f'{args.spec}: {kind_of(args.spec)}, {type(getattr(net, "model", net)).__name__}, '
           f'{sum(p.numel() for p in net.parameters()):,} parameters, sample shape {meta["shape"]}')
     print(f'sampling: {meta["sampling"]}')
+    return net, meta
+
+
+if __name__ == '__main__':
+    import cli
+    cli.run(main)

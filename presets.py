@@ -173,7 +173,8 @@ def resolve(cls, method, flags, resumed=None, validate=True, world_size=1, typed
     cfg = cls(**{k: _typed(cls, k, v) for k, v in values.items()})
     derived = {k: v(cfg) for k, v in preset.items() if callable(v) and k not in explicit and not resumed}
     cfg = dataclasses.replace(cfg, **derived)                                            # 5
-    if cls is distill.SFDConfig and cfg.method == 'second-stage' and not resumed:        # 6
+    if cls is distill.SFDConfig and cfg.method == 'second-stage' and not resumed \
+            and models.kind_of(cfg.teacher) == 'ours':                                   # 6
         teacher_grid = distill.second_stage_grid(models.load_meta(cfg.teacher), cfg.teacher)
         clash = [k for k, v in teacher_grid.items() if k in (typed or ()) and getattr(cfg, k) != v]
         if clash:
@@ -312,7 +313,8 @@ def validate_guided(cfg, world=1, stage='stage1'):
     need(_finite(cfg.t_min) and cfg.t_min > 0, 't_min', 'need 0 < t_min < t_max')
     need(_finite(cfg.t_max) and cfg.t_max > cfg.t_min, 't_max', 'need 0 < t_min < t_max < inf')
     for name in ('kimg', 'round_kimg', 'final_round_kimg', 'tick_kimg', 'snapshot_kimg'):
-        need(_finite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, 'must be positive (in thousands)')
+        need(_finite(getattr(cfg, name)) and getattr(cfg, name) >= 0.001, name,
+             'must be at least 0.001 (in thousands: one sample)')
     for name in ('batch', 'start_n', 'end_n', 'accumulate'):
         need(getattr(cfg, name) >= 1, name, 'must be a positive integer')
     need(cfg.batch % (world * cfg.accumulate) == 0, 'batch',

@@ -19,7 +19,6 @@ to the float rounding of batched network arithmetic).
 import argparse
 import dataclasses
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -248,9 +247,19 @@ def finite_or_raise(D, seeds):
 # Writing samples: a grid, EDM's folder layout, an npz for fid.py. All atomic.
 # ---------------------------------------------------------------------------------------------
 
+def image_format(path, flag='the image'):
+    """PIL's format for an image file name (.png -> PNG, .jpg -> JPEG); a suffix PIL cannot write
+    (none, .npz) is refused rather than written as a PNG under a misleading name."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f'{flag} {path}: give an image file name PIL can write (e.g. .png, .jpg, .webp), '
+                         f'not {Path(path).suffix or "no suffix"!r}')
+    return fmt
+
+
 def _save_image(array, path):
-    """One HWC uint8 array as an image; the format comes from the suffix (PNG if unknown)."""
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), 'PNG')
+    """One HWC uint8 array as an image; the format comes from the suffix."""
+    fmt = image_format(path)
     img = Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else Image.fromarray(array, 'RGB')
     data.atomic_write(path, lambda tmp: img.save(tmp, format=fmt))
 
@@ -353,19 +362,38 @@ def read_prompts(prompt=None, path=None):
 # ---------------------------------------------------------------------------------------------
 
 def check_output(path, flag):
-    """Fail now, not after 50,000 samples: the folder of an output must be creatable and writable."""
+    """Fail now, not after 50,000 samples: an output file (--grid, --npz) or folder (--outdir) must
+    be writable where it is named (data.check_writable: nothing in the way, permission, a writable
+    disk), and a file's suffix must say what it holds."""
     if path is None:
         return
-    folder = Path(path) if flag == '--outdir' else Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'.write-test-{os.getpid()}'
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e}); choose another path') from None
-    if flag != '--outdir' and Path(path).is_dir():
-        raise ValueError(f'{flag} {path} is a folder; give a file name')
+    data.check_writable(path, flag, kind='folder' if flag == '--outdir' else 'file')
+    if flag == '--npz':
+        data.check_suffix(path, flag, ('.npz',), 'an npz of samples')
+    elif flag == '--grid':
+        image_format(path, flag)
+
+
+def check_outdir(outdir):
+    """An --outdir must hold no images: sampling into a folder of another model's (or seeds')
+    images would mix the two sets, and FID would score the mixture."""
+    found = data.image_files(outdir)
+    if found:
+        raise ValueError(f'--outdir {outdir} already holds {len(found)} images (e.g. '
+                         f'{found[0].relative_to(outdir)}): choose an empty folder or delete it')
+
+
+def warn_foreign_sampler(meta, stochastic):
+    """--stochastic on a student distilled for a deterministic grid (an SFD student: Euler over its
+    own schedule; a DDIM stage-two student) samples it with a sampler it was not trained for: say so."""
+    recipe = solvers.Recipe.from_dict(meta.get('sampling') or solvers.Recipe())
+    distilled = 'method' in meta or meta.get('kind') == 'guided-stage2' or recipe.t_steps is not None
+    if stochastic and distilled and recipe.solver != 'stochastic':
+        name = meta.get('method') or meta.get('kind') or 'distilled'
+        warnings.warn(f'--stochastic: this {name} student was distilled for its deterministic '
+                      f"{recipe.solver} grid, not for Meng's stochastic sampler; its samples will be worse "
+                      '(drop --stochastic)',
+                      stacklevel=2)
 
 
 def parse_args(argv=None):
@@ -416,7 +444,11 @@ def check_args(args):
         raise ValueError('give --prompt or --prompts, not both')
     for path, flag in ((args.grid, '--grid'), (args.outdir, '--outdir'), (args.npz, '--npz')):
         check_output(path, flag)
-    models.kind_of(args.model)  # an unknown spec fails before any download
+    if args.outdir:
+        check_outdir(args.outdir)
+    for spec in (args.model, args.uncond):  # an unknown spec or an unusable cache, before any download
+        if spec:
+            models.check_spec(spec)
     return seeds
 
 
@@ -446,7 +478,11 @@ def main(argv=None):
         raise ValueError('this model makes 2-D points, not images: use --npz')
     plan = make_plan(net, sampling, args.nfe, args.guidance, uncond, args.stochastic)
     if rank == 0:
+        warn_foreign_sampler(meta, args.stochastic)
         print(f'{args.model}: {len(seeds)} samples; {plan.describe()}')
+    info = dict(model=args.model, seeds=args.seeds, sampler=plan.describe())
+    if args.outdir:  # "started, not finished" first: an interrupted folder is never taken as a set
+        start_sample_set(args.outdir, rank, info)
     write = (lambda s, x, y: save_images(x, s, args.outdir)) if args.outdir else None
     x, labels = generate(net, seeds[rank::world], sampling, args.nfe, args.class_idx, args.guidance, uncond,
                          args.batch, device, args.stochastic, progress=not args.quiet and rank == 0,
@@ -454,16 +490,37 @@ def main(argv=None):
                          prompts=None if prompts is None else per_seed[rank::world])
     if world > 1 and (args.npz or args.grid):  # rank 0 puts every rank's share back in seed order
         x, labels = gather_in_seed_order(x, labels, len(seeds), world)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's images are written
     if rank == 0:
         if args.npz:
             save_npz(args.npz, x, seeds, labels)
         if args.grid:
             save_grid(x, args.grid)
+        if args.outdir:  # the marker of a complete set, last
+            finish_sample_set(args.outdir, info, len(seeds), list(x.shape[1:]))
         print('wrote ' + ', '.join(f for f in (args.grid, args.outdir, args.npz) if f))
     if dist.is_initialized():
         dist.barrier()
     cli.close_distributed()
     return x
+
+
+def start_sample_set(outdir, rank, info):
+    """Rank 0 marks --outdir as an unfinished set before any rank writes an image into it."""
+    if rank == 0:
+        data.mark_sample_set(outdir, complete=False, **info)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish_sample_set(outdir, info, count, shape):
+    """Mark --outdir complete (data.mark_sample_set), once every image is there: fid.py scores it then."""
+    found = len(data.image_files(outdir))
+    if found != count:
+        raise ValueError(f'--outdir {outdir} holds {found} images after writing {count}: another process '
+                         'wrote there too; sample again into an empty folder')
+    data.mark_sample_set(outdir, complete=True, count=count, image_shape=shape, **info)
 
 
 if __name__ == '__main__':

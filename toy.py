@@ -31,8 +31,10 @@ As model specs (models.py) `toy:<world>` and `toy:<world>:cond` are trained once
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -140,17 +142,31 @@ class EDMJob:
         return None
 
 
-def fit_teacher(job, settings):
-    """train.fit on one process without a run folder; the EMA network (eval mode), or
-    KeyboardInterrupt if a signal stopped it (a half-trained teacher must not be cached)."""
-    loop = train.fit(job, settings)
+def fit_teacher(job, settings, run_dir=None):
+    """train.fit on this process alone (torchrun's other ranks wait for the cached file); the EMA
+    network (eval mode), or KeyboardInterrupt if a signal stopped it (a half-trained teacher is not
+    cached). With `run_dir` the training keeps snapshots there and continues from them: a teacher
+    interrupted at 13% starts again at 13%. Off a terminal, a line per tick says how far it is."""
+    state = train.read_state(run_dir) if run_dir else None
+    if state is not None:
+        print(f'{settings.desc}: continuing from iteration {state["iteration"]} of {settings.iterations} '
+              f'({run_dir})', file=sys.stderr)
+    settings = dataclasses.replace(settings, distributed=False, snapshot_kimg=settings.iterations * settings.batch
+                                   / 20000)  # a snapshot every 5%
+    loop = train.fit(job, settings, run_dir, state, on_tick=None if sys.stderr.isatty() else _tick_line(settings))
     if loop.interrupted:
         raise KeyboardInterrupt
     return loop.ema
 
 
+def _tick_line(settings):
+    """A progress line per tick for a log file (a progress bar draws only on a terminal)."""
+    return lambda row, net: print(f'{settings.desc}: iteration {row["iteration"]} of {settings.iterations}, '
+                                  f'loss {row["loss"]:.4g}, {row["img_per_s"]:.0f} img/s', file=sys.stderr)
+
+
 def train_toy(name, label_dropout=0.0, steps=3000, batch=512, lr=2e-3, ema=0.995, seed=0,
-              device='cpu', progress=True):
+              device='cpu', progress=True, run_dir=None):
     """Train a toy teacher from scratch; returns the EMA network in eval mode.
 
     With `label_dropout` > 0 the network is class-conditional and sees the null label (a zero
@@ -172,7 +188,8 @@ def train_toy(name, label_dropout=0.0, steps=3000, batch=512, lr=2e-3, ema=0.995
     job = EDMJob(net, torch.optim.Adam(net.parameters(), lr=lr), draw)
     return fit_teacher(job, train.Settings(
         iterations=steps, batch=batch, seed=seed, lr=lambda i: lr * min(1.0, (steps - i) / (0.3 * steps)),
-        ema=ema, precision='fp32', desc=f'train toy:{name}', unit='it', progress=progress))
+        ema=ema, precision='fp32', desc=f'train toy:{name}', unit='it', progress=progress,
+        tick_kimg=steps * batch / 10000), run_dir)
 
 
 def teacher_settings(name, cond=False):
@@ -190,12 +207,13 @@ def teacher_settings(name, cond=False):
     return dict(name=name, label_dropout=0.1 if cond else 0.0, source=image_source(), **s)
 
 
-def train_teacher(settings, device='cpu', progress=True):
-    """Train the teacher that teacher_settings(...) describes (train_toy or train_images)."""
+def train_teacher(settings, device='cpu', progress=True, run_dir=None):
+    """Train the teacher that teacher_settings(...) describes (train_toy or train_images), with
+    its snapshots in `run_dir` if given (an interrupted training continues there)."""
     s = dict(settings)
     name = s.pop('name')
     trainer = train_images if name in IMAGE_WORLDS else train_toy
-    return trainer(name, **s, device=device, progress=progress)
+    return trainer(name, **s, device=device, progress=progress, run_dir=run_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +262,8 @@ def image_data(source, resolution, max_images=None):
         try:
             x, y = data.load_cifar10('train')
         except RuntimeError as e:  # offline: say the other way to give the images
-            raise RuntimeError(f'{e} Or set SFD_CIFAR10 to an EDM-style zip or folder of the CIFAR-10 '
-                               'training images.') from e
+            raise data.DownloadError(f'{e} Or set SFD_CIFAR10 to an EDM-style zip or folder of the '
+                                     'CIFAR-10 training images.') from e
         pick = range(len(x)) if max_images is None else torch.linspace(0, len(x) - 1, max_images).long()
         x, y = x[pick], y[pick]
     else:
@@ -272,7 +290,7 @@ def image_net(resolution, label_dim=0, **net):
 
 def train_images(name, label_dropout=0.0, resolution=16, kimg=200.0, batch=128, lr=2e-3, lr_rampup_kimg=5.0,
                  ema_max=0.999, max_images=None, net=None, source='cifar10', seed=0, device='cpu',
-                 progress=True):
+                 progress=True, run_dir=None):
     """Train an image teacher from scratch (EDM's recipe, scaled down); returns the EMA network.
 
     Each iteration draws a batch of real images (uniformly, with replacement), flips each one
@@ -302,7 +320,8 @@ def train_images(name, label_dropout=0.0, resolution=16, kimg=200.0, batch=128, 
         # a linear warm-up over lr_rampup_kimg, then constant; the EMA's decay grows to ema_max
         lr=lambda it: lr * min(1.0, (it + 1) * batch / max(lr_rampup_kimg * 1000, 1)),
         ema=lambda it: min(ema_max, (1 + it) / (10 + it)), precision='fp32',
-        desc=f'train toy:{name}{":cond" if C else ""}', unit='it', progress=progress))
+        desc=f'train toy:{name}{":cond" if C else ""}', unit='it', progress=progress,
+        tick_kimg=kimg / 20), run_dir)
 
 
 # ---------------------------------------------------------------------------------------------

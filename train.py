@@ -59,6 +59,8 @@ class Settings:
     desc: str = 'train'                  # the progress bar's label
     unit: str = 'img'                    # the progress bar counts samples ('img') or iterations ('it')
     progress: bool = True
+    distributed: bool = True             # False: this process alone, even under torchrun (a teacher
+                                         # trained by rank 0 while the others wait)
 
 
 class Job(Protocol):
@@ -86,7 +88,7 @@ class Loop:
 
     def __init__(self, job, settings, run_dir):
         self.job, self.s, self.run_dir = job, settings, run_dir and Path(run_dir)
-        self.rank, self.world = cli.rank(), cli.world_size()
+        self.rank, self.world = (cli.rank(), cli.world_size()) if settings.distributed else (0, 1)
         self.device = next(job.student.parameters()).device
         self.it = self.nimg = 0
         self.gen = torch.Generator().manual_seed(settings.seed)  # every random draw, for the global batch
@@ -270,7 +272,7 @@ def _run(loop, ticks, signals, stop_at_iteration):
         loop.it, loop.nimg = loop.it + 1, loop.nimg + s.batch
         bar.update(1 if s.unit == 'it' else s.batch)
         bar.set_postfix_str(' '.join(f'{v:.3g}' for v in losses))
-        interrupted = cli.any_rank(signals.requested, loop.device)
+        interrupted = cli.any_rank(signals.requested, loop.device) if loop.world > 1 else signals.requested
         done = loop.it >= s.iterations or interrupted or loop.it == stop_at_iteration
         ticks.add(losses, done)
         if done or loop.nimg >= ticks.next_snapshot:

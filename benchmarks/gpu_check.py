@@ -79,7 +79,7 @@ SHOW = dict(unet=UNET, compile=UNET + ('fwd_first_s', 'max_abs_diff_vs_eager', '
             sampling=('solver', 'nfe', 'batch', 'img_s', 'peak_mem_gib'),
             fid=('batch', 'img_s', 'gflop_per_img'),
             correctness=('bf16.max_abs', 'bf16.mean_abs', 'fp32_rerun.max_abs', 'gradient_bf16.rel_l2',
-                         'gradient_bf16.cosine', 'delta_bf16.same_sign', 'gradient_fp32_rerun.rel_l2', 'ok'))
+                         'gradient_bf16.cosine', 'delta_bf16.same_sign', 'gradient_fp32_rerun.rel_l2'))
 
 
 def vector_diff(a, b):
@@ -119,13 +119,14 @@ class CodePaths:
             self.handle = self.handle.remove()
 
     def hook(self, module, args, out):
-        role = self.seen.setdefault('student' if module.training else 'teacher', {})
+        role = 'student' if module.training else 'teacher'
+        record = lambda key, v: self.seen.setdefault(role, {}).setdefault(key, set()).add(v)
         if isinstance(module, unet.EDMPrecond):
-            role.setdefault('autocast', set()).add(torch.is_autocast_enabled(out.device.type))
-            role.setdefault('inference_mode', set()).add(torch.is_inference_mode_enabled())
-            role.setdefault('output_dtype', set()).add(str(out.dtype))  # the preconditioning: float32
+            record('autocast', torch.is_autocast_enabled(out.device.type))
+            record('inference_mode', torch.is_inference_mode_enabled())
+            record('output_dtype', str(out.dtype))  # EDM's preconditioning stays in float32
         elif isinstance(module, (unet.SongUNet, unet.DhariwalUNet)):
-            role.setdefault('network_dtype', set()).add(str(out.dtype))  # F under autocast: bf16 on CUDA
+            record('network_dtype', str(out.dtype))  # F under autocast: bf16 on CUDA
 
 
 class Check:
@@ -302,7 +303,8 @@ def distill_step(ck, compiled=False):
     kimg, n = distill.SFDConfig().kimg, res['iterations']
     ck.results['distill']['run'] = dict(
         res, kimg_s=res['img_s'] / 1000, paper_kimg=kimg, paper_a100_hours=SFD_A100_HOURS,
-        projected_hours=kimg / res['img_s'] * 1000 / 3600, teacher_nfe_per_it=res['summary']['teacher_nfe'] / n,
+        projected_hours=kimg / res['img_s'] * 1000 / 3600,
+        teacher_nfe_per_it=res['summary']['teacher_nfe'] / n,
         student_calls_per_it=res['summary']['student_calls'] / n)
 
 
@@ -389,25 +391,32 @@ def steps(size):
             (f'compile/unet/{b1}', 100, unet_step, COMPILED, b1)]
 
 
+def numbers(row, keys):
+    """'key value, ...' of the `keys` a result has (a.b: b inside the dict a), floats to 3 digits."""
+    flat = {f'{k}.{j}': u for k, v in row.items() if isinstance(v, dict) for j, u in v.items()}
+    flat.update(row)
+    return ', '.join(f'{k} {flat[k]:.3g}' if isinstance(flat[k], float) else f'{k} {flat[k]}'
+                     for k in keys if flat.get(k) is not None)
+
+
 def table(ck, title):
-    """The printed table: every step's status, then each section's main numbers (SHOW), one line
-    per result, `name value` pairs named as in the JSON."""
-    cell = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
-    flat = lambda r: {f'{k}.{j}' if isinstance(v, dict) else k: u for k, v in r.items()
-                      for j, u in (v.items() if isinstance(v, dict) else [(None, v)])}
-    status = lambda st: st['status'].replace('failed', 'FAILED')
-    lines = [dict(bench=title, section='steps', name=name, numbers=f'{status(st)} {st["seconds"]:.1f} s '
-                  f'{st.get("error") or st.get("reason") or ""}')
-             for name, st in ck.results['steps'].items()]
-    for section in SHOW:
-        for name, row in [(k, v) for k, v in ck.results[section].items() if isinstance(v, dict)]:
-            row = flat(row)
-            if any(k in row for k in SHOW[section]):
-                lines.append(dict(bench=title, section=section, name=name, numbers=', '.join(
-                    f'{k} {cell(row[k])}' for k in SHOW[section] if row.get(k) is not None)))
-    bad = [k for k, v in ck.results['correctness']['non_finite'].items() if v]
-    lines.append(dict(bench=title, section='correctness', name='NaN/inf scan', numbers=', '.join(bad) or
-                      f'all {len(ck.results["correctness"]["non_finite"])} outputs finite'))
+    """The printed table: every step's status, each section's main numbers (SHOW) one line per
+    result, the code paths and the NaN/inf scan; names as in the JSON."""
+    res, lines = ck.results, []
+    add = lambda section, name, text: lines.append(dict(bench=title, section=section, name=name, values=text))
+    for name, st in res['steps'].items():
+        add('steps', name, f'{st["status"].replace("failed", "FAILED")} {st["seconds"]:.1f} s '
+            f'{st.get("error") or st.get("reason") or ""}')
+    for section, keys in SHOW.items():  # fid holds one result, the other sections one per name
+        for name, row in ([(section, res[section])] if section == 'fid' else res[section].items()):
+            if isinstance(row, dict) and numbers(row, keys):
+                add(section, name, numbers(row, keys))
+    for name, path in res['correctness'].get('code_paths', {}).items():
+        observed = numbers(path, [k for k in path if k != 'ok'])
+        add('code path', name, ('yes: ' if path['ok'] else 'NO: ') + observed)
+    scanned = res['correctness']['non_finite']
+    bad = ', '.join(k for k, v in scanned.items() if v)
+    add('correctness', 'NaN/inf scan', f'NON-FINITE: {bad}' if bad else f'all {len(scanned)} outputs finite')
     return bench.table(lines, text_left=True)
 
 
@@ -433,7 +442,7 @@ def main(argv=None):
     if device.type != 'cuda' and not args.dry_run:
         raise ValueError(f'--device {args.device}: no CUDA GPU here, and this check measures one; '
                          'use --dry-run for its tiny CPU version')
-    sample.check_output(args.out, '--out')
+    data.check_writable(args.out, '--out')  # refused now, not after minutes of measuring
     ck, cuda = Check(args, device), device.type == 'cuda'
     ck.results['meta'] = dict(  # the device, the software and the settings
         device=torch.cuda.get_device_name(device) if cuda else 'CPU', dry_run=args.dry_run,

@@ -59,11 +59,12 @@ def test_before_after_tiny_mode_prints_a_table_that_parses(tmp_path, capsys):
                               '--json', str(tmp_path / 'ba.json')])
     out = capsys.readouterr().out
     assert f'{REV} vs the working tree' in out and 'TINY' in out
-    for label in ('SFD iteration (trajectories/s)', 'teacher training (img/s)'):
+    for _, label in before_after.ROWS:  # per wall-clock second and per CPU second
         m = re.search(rf'^{re.escape(label)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$', out, re.M)
         assert m, (label, out)
         before, after, ratio = map(float, m.groups())
         assert before > 0 and after > 0 and ratio == pytest.approx(after / before, rel=0.01)
+    assert len(rows) == len(before_after.ROWS) == 4
     saved = json.loads((tmp_path / 'ba.json').read_text())
     assert saved['rows'] == json.loads(json.dumps(rows)) and len(saved['runs']['before']) == 1
     assert saved['runs']['before'][0]['threads'] == saved['runs']['after'][0]['threads'] == 1

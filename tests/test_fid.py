@@ -419,8 +419,9 @@ def test_cli_ref_and_calc(tmp_path, fake_cli, capsys, protocol):
 
 
 def test_cli_calc_against_edms_published_reference(tmp_path, fake_cli, monkeypatch, capsys):
-    net, _, _ = fake_cli
-    nhwc = _images(2100, 22)
+    net = FakeNet(pixels=3 * 32 * 32)  # EDM's cifar10-32x32 is of 32x32 images: so are these
+    monkeypatch.setattr(fid, 'load_inception', lambda *args, **kwargs: net)
+    nhwc = _images(2100, 22, size=32)
     f = net(torch.from_numpy(nhwc).permute(0, 3, 1, 2))[0].float().double().numpy()
     published = tmp_path / 'cifar10-32x32.npz'
     np.savez(published, mu=f.mean(0) + 0.1, sigma=np.cov(f.T))  # what EDM's `fid.py ref` writes

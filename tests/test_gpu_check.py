@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import sys
 import time
 
@@ -122,15 +123,17 @@ def test_table_is_printed_with_every_check(dry):
     """Every step's status, then each section's results, one line each, named as in the JSON."""
     _, data, printed = dry
     assert 'GPU check: CPU' in printed and 'DRY RUN' in printed and 'FAILED' not in printed
-    rows = [line.split()[:2] for line in printed.splitlines() if line.split()]
+    line = lambda section, name: re.search(rf'^{section}\s+{re.escape(name)}', printed, re.M)
     for name in data['steps']:
-        assert ['steps', name] in rows, name
-    for section, name in [('unet', 'fp32,'), ('unet', 'bf16+channels_last,'), ('compile', 'bf16+compile,'),
-                          ('compile', 'distill'), ('compile', 'sample'), ('distill', 'split'), ('distill', 'run'),
-                          ('sampling', 'student'), ('sampling', 'teacher'), ('fid', 'batch'),
-                          ('correctness', 'teacher_bf16_vs_fp32'), ('correctness', 'first_update_bf16_vs_fp32'),
-                          ('correctness', 'NaN/inf')]:
-        assert [section, name] in rows, (section, name)
+        assert line('steps', f'{name} '), name
+    for section, name in [('unet', 'fp32, batch 2'), ('unet', 'bf16+channels_last, batch 4'),
+                          ('compile', 'bf16+compile, batch 4'), ('compile', 'distill'), ('compile', 'sample'),
+                          ('distill', 'split'), ('distill', 'run'), ('sampling', 'student'),
+                          ('sampling', 'teacher'),
+                          ('fid', 'fid'), ('correctness', 'teacher_bf16_vs_fp32'),
+                          ('correctness', 'first_update_bf16_vs_fp32'), ('correctness', 'NaN/inf scan'),
+                          ('code path', 'autocast bf16'), ('code path', 'torch.compile: compile/distill')]:
+        assert line(section, name), (section, name)
     assert 'kimg_s' in printed and 'projected_hours' in printed and 'fwd_bwd_img_s' in printed
 
 

@@ -315,7 +315,9 @@ def test_grid_folder_and_npz_agree(files, tmp_path):
     assert torch.equal(fid.load_images_npz(tmp_path / 's.npz'), x)
     names = sorted(str(p.relative_to(tmp_path / 'imgs')) for p in (tmp_path / 'imgs').rglob('*'))
     assert names == ['000000', '000000/000000.png', '000000/000001.png', '000000/000002.png',
-                     '000000/000007.png', '001000', '001000/001500.png']
+                     '000000/000007.png', '001000', '001000/001500.png', 'sample-set.json']
+    marker = json.loads((tmp_path / 'imgs' / 'sample-set.json').read_text())  # the complete set's marker
+    assert marker['complete'] and marker['count'] == 5 and marker['image_shape'] == [3, 8, 8]
     for s, img in zip(seeds, x, strict=True):
         png = np.asarray(Image.open(sample.image_path(tmp_path / 'imgs', s)))
         assert png.shape == (8, 8, 3) and np.array_equal(png, img.permute(1, 2, 0).numpy())

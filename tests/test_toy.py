@@ -351,7 +351,7 @@ def test_image_teacher_sfd_v_second_stage_and_guided_stage_two_clis(quick_images
     guided_pd.main(['stage2', '--teacher', str(tmp_path / 'g1' / 'student.pt'), '--start-n', '4',
                     '--round-kimg', '0.004', '--final-round-kimg', '0.004', '--run-dir', str(tmp_path / 'g2'),
                     '--eval-n', '0'] + g)
-    paths = sorted((tmp_path / 'g2').glob('*.pt'))
+    paths = sorted((tmp_path / 'g2').glob('student-n*.pt'))  # (and training-state.pt: the loop's resume)
     table = guided_pd_run.toy_table([str(q) for q in paths], n=4, ref_steps=8)
     # Per w (0, 1, 2, 4): the teacher's ODE, the students N = 2 and 1, DDIM-CFG at 2 and 1 steps.
     assert table[0].endswith('RMSE (A)') and len(table) == 1 + 4 * 5
