@@ -12,6 +12,7 @@ DDP, resume, snapshots, stats) is train.fit; the settings come resolved from pre
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,10 @@ class SFDJob:
         self.teacher, self.teacher_cond = teacher, {}
         if cfg.method == 'second-stage':  # Alg. 7: the teacher is a first-stage student, at a trained NFE
             self.teacher_cond = distill.second_stage_setup(cfg, meta)[1]
+        elif 'method' in meta:  # a student follows its own few-step grid, not the teacher ODE K-fold finer
+            warnings.warn(f'--teacher {cfg.teacher} is a {meta["method"]} student: it was distilled for its own '
+                          f'{meta["sampling"]["nfe"]}-NFE grid, not as a {cfg.teacher_solver} teacher on a finer '
+                          'one (for a 1-NFE student from it: --method second-stage)', stacklevel=2)
         self.label_dim = teacher.label_dim
         self.prompts = _prompts(teacher, cfg.captions)  # Sec. 3.4: captions at guidance 1
         student = copy.deepcopy(teacher).train().requires_grad_(True)

@@ -60,7 +60,14 @@ def load_guided_teacher(spec, uncond='', device='cpu', wrap=None):
         raise ValueError(f'--teacher {spec} is not class-conditional: guidance distillation needs a '
                          'conditional model (e.g. cifar10-cond, toy:ring)')
     meta = dict(meta, data=f'toy:{world}') if world else meta
-    D_u = wrap(models.load(uncond, device)[0]) if uncond else None
+    D_u = None
+    if uncond:
+        u = models.load(uncond, device)[0]
+        if list(u.shape) != list(net.shape) or u.sigma_data != net.sigma_data:
+            raise ValueError(f'--uncond {uncond}: makes samples {list(u.shape)} (sigma_data {u.sigma_data:g}), '
+                             f'the teacher {list(net.shape)} (sigma_data {net.sigma_data:g}): the guidance '
+                             "partner must be the teacher's unconditional twin (same data, same preconditioning)")
+        D_u = wrap(u)
     return guided_pd.guided_teacher(wrap(net), D_u), net, meta
 
 

@@ -115,6 +115,9 @@ def with_guided_teacher(cfg, stage, net, meta, log=print, world=1):
     network knows (a diffusers model's). Returns the settings, validated and frozen."""
     values = {}
     if stage == 'stage1' and cfg.teacher.startswith('toy:'):
+        if cfg.uncond not in ('', guided_pd.GuidedConfig.uncond):
+            raise ValueError(f'--uncond {cfg.uncond}: a toy teacher\'s :cond network is its own unconditional '
+                             'model (its null label); drop --uncond')
         values['uncond'] = ''  # guided_pd_run.load_guided_teacher: a toy's :cond net is its own pair
     if stage == 'stage2':
         values['w_min'], values['w_max'] = meta.get('guidance_range', [cfg.w_min, cfg.w_max])

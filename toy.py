@@ -424,10 +424,14 @@ def before_after_table(name, student, meta, teacher, first_stage=None, n=2000, r
             if image:
                 with torch.no_grad():
                     x = solvers.sample_with(net.eval(), z, cfg, nfe=k, **cond)
-                rows.append(f'{k:3d}  {label:<16}  {rmse(x, ref):8.4f}')
+                values = [rmse(x, ref)]
+                rows.append(f'{k:3d}  {label:<16}  {values[0]:8.4f}')
             else:
-                a, w = evaluate(net.eval(), cfg, ref, data_ref, z, nfe=k, **cond)
-                rows.append(f'{k:3d}  {label:<16}  {a:12.4f}  {w:12.4f}')
+                values = evaluate(net.eval(), cfg, ref, data_ref, z, nfe=k, **cond)
+                rows.append(f'{k:3d}  {label:<16}  {values[0]:12.4f}  {values[1]:12.4f}')
+            if not all(math.isfinite(v) for v in values):  # a number that is no result is never printed
+                raise FloatingPointError(f'{label} at {k} NFE gives non-finite samples (t_max {s["t_max"]:g}): '
+                                         'the run diverged or its levels lie outside the teacher\'s range')
     return '\n'.join(rows)
 
 

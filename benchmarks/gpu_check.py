@@ -61,7 +61,7 @@ SIZES = {
                 backend='inductor'),
     'dry': dict(net=dict(channels=16, channel_mult=[1, 2], num_blocks=1), unet_batches=(2, 4), batch=4,
                 repeat=1, tick_every=1, min_iters=2, compile_iters=2, distill_seconds=0.5, sample_batch=4,
-                student_images=8, teacher_images=4, fid_batch=2, budget=240.0, need_scale=0.0,
+                student_images=8, teacher_images=4, fid_batch=2, budget=600.0, need_scale=0.0,
                 backend='eager'),
 }
 HARD_MARGIN = 45.0  # seconds past the budget at which a running step is interrupted (and imports)
@@ -426,8 +426,8 @@ def main(argv=None):
     p.add_argument('--dry-run', action='store_true', help='the same steps on a CPU at tiny sizes (< 1 min)')
     p.add_argument('--out', default='gpu_check.json', help='write the results here (JSON)')
     p.add_argument('--device', default='auto', help='auto: cuda (the dry run: cpu)')
-    p.add_argument('--budget', type=float, help='seconds in which steps may start (GPU 390, dry run '
-                   f'240); a step still running {HARD_MARGIN:g} s later is interrupted')
+    p.add_argument('--budget', type=float, help='seconds in which steps may start (GPU 390; dry run 600, '
+                   f'for busy shared CPUs); a step still running {HARD_MARGIN:g} s later is interrupted')
     p.add_argument('--distill-seconds', type=float, help='length of the distill.distill run (GPU 120)')
     p.add_argument('--peak', type=float, help='device peak TFLOP/s for every row (default: bench.PEAKS)')
     p.add_argument('--only', type=lambda s: [v for v in s.split(',') if v],

@@ -102,3 +102,30 @@ def test_an_impossible_run_folder_fails_before_the_teacher_is_loaded(teacher_fil
     monkeypatch.setattr(models, 'load', lambda *a, **k: loaded.append(a))
     code, err = run_cli(quick(teacher_file, tmp_path / 'file' / 'run'), capsys)
     assert code == 2 and 'cannot write there' in err and not loaded
+
+
+def test_pairings_that_cannot_be_meant(teacher_file, tmp_path, capsys):
+    """A student as a fine-grid teacher: one warning line; a student whose samples are not finite
+    (levels far beyond its teacher's): no table of inf, an error; a guidance partner of another
+    world (other sample shape): refused before training."""
+    code, err = run_cli(quick(teacher_file, tmp_path / 'first'), capsys)
+    assert code == 0, err
+    with pytest.warns(UserWarning) as record:
+        code, err = run_cli(quick(tmp_path / 'first' / 'student.pt', tmp_path / 'again'), capsys)
+    warns = [str(w.message) for w in record if 'student' in str(w.message)]
+    assert code == 0 and len(warns) == 1 and 'is a sfd student' in warns[0] and '--method second-stage' in warns[0]
+    student, meta = models.load_model(tmp_path / 'first' / 'student.pt')
+    with torch.no_grad():
+        student.model.out.bias.fill_(float('inf'))  # what levels far beyond a teacher's range give
+    with pytest.raises(FloatingPointError, match='student at 2 NFE gives non-finite samples'):
+        toy.before_after_table('ring', student, meta, models.load_model(teacher_file)[0], n=16, ref_steps=8)
+    import guided_pd
+    import unet
+    models.save_model(tmp_path / 'cond.pt', toy.toy_net(label_dim=3, width=16, depth=1), shape=[2])
+    models.save_model(tmp_path / 'img.pt', unet.EDMPrecond(img_resolution=8, img_channels=3, model_channels=16,
+                                                           channel_mult=[1], num_blocks=1, attn_resolutions=[]))
+    with pytest.raises(SystemExit) as e:
+        cli.run(guided_pd.main, ['stage1', '--teacher', str(tmp_path / 'cond.pt'), '--uncond', str(tmp_path / 'img.pt'),
+                                 '--kimg', '0.016', '--batch', '8', '--device', 'cpu', '--quiet',
+                                 '--run-dir', str(tmp_path / 'g')])
+    assert e.value.code == 2 and "the teacher's unconditional twin" in capsys.readouterr().err
