@@ -121,7 +121,7 @@ def fid_of(images_uint8, ref_stats, model):
     return fid.fid_from_stats(stats, ref_stats)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--teacher', default='toy:cifar10-16')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1],
@@ -144,35 +144,21 @@ def main(argv=None):
     p.add_argument('--inception', default=None,
                    help="FID weights (path or URL; default fid.py's NVIDIA file)")
     p.add_argument('--out', default='runs/image-results')
-    args = p.parse_args(argv)
-    t_start = time.time()
-    world = models.toy_world(args.teacher)
-    teacher, tmeta = models.load(args.teacher)
-    shape, table, times = tmeta['shape'], Table(), {}
-    if args.time_teacher_kimg:
-        times['teacher img/s'] = teacher_throughput(args.teacher, args.time_teacher_kimg)
-    z = toy.eval_noise(args.n, seed=1234, shape=shape)
-    # The teacher's fine solves, one per t_min (EDM's sampler, ending at 0, is compared at 0.002).
-    t0 = time.time()
-    refs = {t: toy.reference_solution(teacher, z, t_min=t, steps=args.ref_steps) for t in (0.006, 0.002)}
-    times['references'] = time.time() - t0
-    ref_of = lambda recipe: refs[0.002 if recipe['ends_at_zero'] or recipe['t_min'] < 0.004 else 0.006]
-    samplers = {}  # (label, nfe) -> (net, recipe, cond): what FID rows regenerate
+    return p.parse_args(argv)
 
-    def add(label, nfe, net, recipe, **cond):
-        recipe = solvers.Recipe.from_dict(recipe).to_dict()
-        with torch.no_grad():
-            x = solvers.sample_with(net.eval(), z, recipe, nfe=nfe, **cond)
-        table.add(label, nfe, per_sample_rmse(x, ref_of(recipe)))
-        samplers.setdefault((label, nfe), (net, recipe, cond))
 
-    table.add(f'teacher fine solve (DPM++(3M), {args.ref_steps} steps, t_min 0.006)', args.ref_steps,
-              torch.zeros(args.n))
+def baseline_rows(add, teacher, args):
+    """The teacher's training-free solvers at 2-5 NFE (and EDM's Heun at 35) from the same noise."""
     add('Heun (EDM)', 35, teacher, solvers.Recipe())
     for solver, label in (('dpmpp3m', 'DPM-Solver++(3M)'), ('euler', 'Euler')):
         for k in (2, 3, 4, 5):
             add(label, k, teacher, toy.solver_config(solver, k))
     add('DPM-Solver++(3M) + AFS', 2, teacher, toy.solver_config('dpmpp3m', 2, afs=True))
+
+
+def student_rows(add, args, times, t_start):
+    """SFD Table 1's ladder (SFD + AFS for every seed, the rest for the first), SFD-v at 2-5 NFE
+    and the second stage at 1 NFE, each trained here."""
     ladder_rows = LADDER if args.ladder else [r for r in LADDER if r[0] in ('sfd-afs', 'vanilla')]
     for seed in args.seeds:
         print(f'seed {seed}: students ({time.time() - t_start:.0f} s so far)', flush=True)
@@ -197,6 +183,35 @@ def main(argv=None):
                                        teacher=str(Path(args.out) / f'sfd-v-s{seed}' / 'student.pt'))
         times.setdefault('second-stage', []).append(sec)
         add(f'second stage ({lpips.upper()})', 1, net, meta['sampling'])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    world = models.toy_world(args.teacher)
+    teacher, tmeta = models.load(args.teacher)
+    shape, table, times = tmeta['shape'], Table(), {}
+    if args.time_teacher_kimg:
+        times['teacher img/s'] = teacher_throughput(args.teacher, args.time_teacher_kimg)
+    z = toy.eval_noise(args.n, seed=1234, shape=shape)
+    # The teacher's fine solves, one per t_min (EDM's sampler, ending at 0, is compared at 0.002).
+    t0 = time.time()
+    refs = {t: toy.reference_solution(teacher, z, t_min=t, steps=args.ref_steps) for t in (0.006, 0.002)}
+    times['references'] = time.time() - t0
+    ref_of = lambda recipe: refs[0.002 if recipe['ends_at_zero'] or recipe['t_min'] < 0.004 else 0.006]
+    samplers = {}  # (label, nfe) -> (net, recipe, cond): what FID rows regenerate
+
+    def add(label, nfe, net, recipe, **cond):
+        recipe = solvers.Recipe.from_dict(recipe).to_dict()
+        with torch.no_grad():
+            x = solvers.sample_with(net.eval(), z, recipe, nfe=nfe, **cond)
+        table.add(label, nfe, per_sample_rmse(x, ref_of(recipe)))
+        samplers.setdefault((label, nfe), (net, recipe, cond))
+
+    table.add(f'teacher fine solve (DPM++(3M), {args.ref_steps} steps, t_min 0.006)', args.ref_steps,
+              torch.zeros(args.n))
+    baseline_rows(add, teacher, args)
+    student_rows(add, args, times, t_start)
     if args.guided_iters:
         times['guided'] = guided_rows(args, world, table)
     print(f'\nteacher {args.teacher}: {tmeta["train"]["kimg"]:g} kimg, trained in '
