@@ -29,7 +29,6 @@ As model specs (models.py) `toy:<world>` and `toy:<world>:cond` are trained once
     python toy.py cifar10-16 --real-npz real16.npz   # its real 16x16 images, for `fid.py ref`
 """
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -42,6 +41,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import solvers
 import train
@@ -448,25 +448,29 @@ def save_real_npz(name, path):
     return len(x)
 
 
-if __name__ == '__main__':
-    p = argparse.ArgumentParser(description='Train a teacher of a world (uncached: `python models.py '
-                                            'toy:<world>` caches it) and measure the solvers on it.')
+def main(argv=None):
+    """python toy.py [world]: train its teacher here (uncached) and print every solver's metric A."""
+    p = cli.parser('Train a teacher of a world (uncached: `python models.py toy:<world>` caches it) and '
+                   'measure the solvers on it.')
     p.add_argument('name', nargs='?', default='ring', choices=WORLDS)
     p.add_argument('--cond', action='store_true', help='class-conditional with label dropout 0.1')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cifar10-32 is meant for a GPU)')
     p.add_argument('--real-npz', metavar='PATH', help="image worlds: write the real training images as the "
                    "teacher sees them (pooled) to an npz for `fid.py ref --data PATH`, and exit")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    device = cli.device(args.device)  # a device that is not there: one line, before any training
     if args.real_npz:
         if args.name not in IMAGE_WORLDS:
             p.error(f'--real-npz needs an image world ({", ".join(IMAGE_WORLDS)}), not {args.name!r}')
+        data.check_suffix(args.real_npz, '--real-npz', ('.npz',), 'an npz of images')
+        data.check_writable(args.real_npz, '--real-npz')
         print(f'{save_real_npz(args.name, args.real_npz)} images -> {args.real_npz}')
-        raise SystemExit
+        return
     t0 = time.time()
-    teacher = train_teacher(teacher_settings(args.name, args.cond), device=args.device)
+    teacher = train_teacher(teacher_settings(args.name, args.cond), device=device)
     print(f'toy:{args.name} teacher, trained in {time.time() - t0:.0f} s (models.load caches it as a spec)')
     image = args.name in IMAGE_WORLDS
-    z = eval_noise(64 if image else 2000, shape=sample_shape(args.name)).to(args.device)
+    z = eval_noise(64 if image else 2000, shape=sample_shape(args.name)).to(device)
     ref = reference_solution(teacher, z)
     print(f'{"per-pixel RMSE" if image else "fidelity"} (A) to the teacher ODE at t_min = 0.006')
     print('solver   ' + ''.join(f'{f"NFE {k}":>9}' for k in (2, 3, 4, 5, 8, 12)))
@@ -480,3 +484,7 @@ if __name__ == '__main__':
             except ValueError:
                 cells.append(f'{"-":>9}')
         print(f'{solver:<9}' + ''.join(cells))
+
+
+if __name__ == '__main__':
+    cli.run(main)

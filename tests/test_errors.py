@@ -197,7 +197,7 @@ ROWS = [  # (CLI, argv, exit status, fragment of the message)
     ('sample', ['--model', '{d}/teacher.pt', '--npz', '{d}/s.npz', '--guidance', '-1'], 2, '--guidance -1.0'),
 ]
 MAINS = {'distill': distill.main, 'guided_pd': guided_pd.main, 'sample': sample.main, 'fid': fid.main,
-         'models': models.main}
+         'models': models.main, 'toy': toy.main}
 
 
 def check_row(files, capsys, script, argv, status, message):
@@ -631,6 +631,10 @@ TRACEBACK_ROWS = [
     ('models', ['{d}/teacher.pt', '--device', 'cuda'] * (not torch.cuda.is_available()), 2,
      '--device cuda: no CUDA GPU is visible'),
     ('models', ['{d}/teacher.pt', '--device', 'tpu'], 2, '--device tpu'),
+    ('toy', ['ring', '--device', 'cuda'] * (not torch.cuda.is_available()), 2, '--device cuda: no CUDA GPU'),
+    ('toy', ['spiral'], 2, "invalid choice: 'spiral'"),
+    ('toy', ['ring', '--real-npz', '{d}/r.npz'], 2, '--real-npz needs an image world'),
+    ('toy', ['cifar10-16', '--real-npz', '{d}/r.png'], 2, '--real-npz {d}/r.png: an npz of images needs a name'),
     # offline (a file:// URL that is not there stands for an unreachable server): one line, where to put it
     ('models', ['file:///nowhere/edm-x.pkl'], 2, 'If this machine is offline, fetch the file elsewhere and put it at'),
     ('distill', ['--teacher', 'file:///nowhere/edm-x.pkl', '--device', 'cpu'], 2, 'If this machine is offline'),
