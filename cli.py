@@ -211,7 +211,8 @@ def _make_folder(path, flag):
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as e:
-        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e}); choose another folder') from None
+        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e}); '
+                         'choose another folder') from None
 
 
 def _allocate(root, name):

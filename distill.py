@@ -105,7 +105,8 @@ def micro_batches(x, cond, n):
     the prompts' embeddings) cut into n micro-batches; other conditions go to each unchanged."""
     B = x.shape[0]
     pick = lambda v, i: v[i.to(v.device)] if torch.is_tensor(v) and v.ndim and len(v) == B else v
-    return [(x[i.to(x.device)], {k: pick(v, i) for k, v in cond.items()}) for i in torch.arange(B).tensor_split(n)]
+    parts = torch.arange(B).tensor_split(n)
+    return [(x[i.to(x.device)], {k: pick(v, i) for k, v in cond.items()}) for i in parts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +221,8 @@ def sfd_iteration(student, optimizer, x_N, t_steps, targets, cfg, lpips=None, ch
         total = 0.0
         for r in range(R):
             last = r == R - 1  # DDP: the gradients are all-reduced once, after the last micro-batch
-            with (student.no_sync() if not last and hasattr(student, 'no_sync') else contextlib.nullcontext()):
+            sync = last or not hasattr(student, 'no_sync')
+            with contextlib.nullcontext() if sync else student.no_sync():
                 with solvers.autocast(xs[r].device, cfg.precision):
                     # Alg. 4, line 4 (Eq. 6): one Euler step of the student
                     x_pred = solvers.euler_step(student, xs[r], t_cur, t_next, **conds[r])
@@ -266,8 +268,9 @@ def sampling_recipe(cfg, student):
     nfes = list(cfg.nfe_list) if cfg.method == 'sfd-v' else [cfg.nfe]
     # A model-specific grid needs the model's levels: stored for one NFE (sample.py makes the others).
     single = cfg.schedule not in solvers.SCHEDULES and cfg.method != 'sfd-v'
-    return solvers.Recipe('euler', nfes if cfg.method == 'sfd-v' else cfg.nfe, afs=cfg.afs, schedule=cfg.schedule,
-                          rho=cfg.rho, t_min=cfg.t_min, t_max=cfg.t_max, ends_at_zero=False,
+    return solvers.Recipe('euler', nfes if cfg.method == 'sfd-v' else cfg.nfe, afs=cfg.afs,
+                          schedule=cfg.schedule, rho=cfg.rho, t_min=cfg.t_min, t_max=cfg.t_max,
+                          ends_at_zero=False,
                           t_steps=student_schedule(cfg, cfg.nfe, student).tolist() if single else None,
                           step_values={str(n): step_value(n, cfg.afs) for n in nfes}
                           if student.use_step_condition else None)
@@ -295,8 +298,8 @@ def distill(cfg, resume=None, stop_at_iteration=None, progress=True, log=print, 
     student file, training-state.pt}. `resume` continues a run folder, `stop_at_iteration` ends
     early after a snapshot, `on_tick(row, student)` sees every stats row."""
     import distill_run
-    return distill_run.resolve_and_run(cfg, resume=resume, stop_at_iteration=stop_at_iteration, progress=progress,
-                               log=log, on_tick=on_tick, explicit=explicit)
+    return distill_run.resolve_and_run(cfg, resume=resume, stop_at_iteration=stop_at_iteration,
+                                       progress=progress, log=log, on_tick=on_tick, explicit=explicit)
 
 
 def main(argv=None):

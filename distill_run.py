@@ -38,9 +38,9 @@ class SFDJob:
         if cfg.method == 'second-stage':  # Alg. 7: the teacher is a first-stage student, at a trained NFE
             self.teacher_cond = distill.second_stage_setup(cfg, meta)[1]
         elif 'method' in meta:  # a student follows its own few-step grid, not the teacher ODE K-fold finer
-            warnings.warn(f'--teacher {cfg.teacher} is a {meta["method"]} student: it was distilled for its own '
-                          f'{meta["sampling"]["nfe"]}-NFE grid, not as a {cfg.teacher_solver} teacher on a finer '
-                          'one (for a 1-NFE student from it: --method second-stage)', stacklevel=2)
+            warnings.warn(f'--teacher {cfg.teacher} is a {meta["method"]} student: it was distilled for its '
+                          f'own {meta["sampling"]["nfe"]}-NFE grid, not as a {cfg.teacher_solver} teacher '
+                          'on a finer one (for a 1-NFE student from it: --method second-stage)', stacklevel=2)
         self.label_dim = teacher.label_dim
         self.prompts = _prompts(teacher, cfg.captions)  # Sec. 3.4: captions at guidance 1
         student = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -106,9 +106,10 @@ class SFDJob:
         pick = torch.randint(len(x_all), (self.cfg.batch,), generator=loop.gen)[lo:hi]
         if self.label_dim and y_all is not None:
             cond['class_labels'] = torch.eye(self.label_dim, device=self.device)[y_all[pick].to(self.device)]
-        return distill.vanilla_iteration(loop.model, self.teacher, self.optimizer, x_all[pick].to(self.device),
-                                         t_steps, t_teacher, self.cfg, loop.gen, (lo, hi, self.cfg.batch),
-                                         self.lpips, loop.before_step, **cond)
+        x0 = x_all[pick].to(self.device)
+        return distill.vanilla_iteration(loop.model, self.teacher, self.optimizer, x0, t_steps, t_teacher,
+                                         self.cfg, loop.gen, (lo, hi, self.cfg.batch), self.lpips,
+                                         loop.before_step, **cond)
 
     def row(self):
         return dict(nfe=self.nfe)
@@ -117,7 +118,8 @@ class SFDJob:
         """The student with its sampling recipe (Alg. 8): a .pt file, or a diffusers student folder
         sampled from t_max z as trained (prior 'edm')."""
         meta = dict(sampling=distill.sampling_recipe(self.cfg, net).to_dict(), method=self.cfg.method,
-                    teacher=self.cfg.teacher, kimg=loop.nimg / 1000, shape=list(self.shape), config=self.config)
+                    teacher=self.cfg.teacher, kimg=loop.nimg / 1000, shape=list(self.shape),
+                    config=self.config)
         self.saved = models.save_student(self.run_dir, 'student', net, prior='edm', **meta)
         return self.saved
 
@@ -156,8 +158,9 @@ def resumed_state(run_dir):
     """The training state of the run folder `--resume` names, or one clear error."""
     state = train.read_state(run_dir)
     if state is None:
-        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a distill.py run folder, or a '
-                         f'run that stopped before its first snapshot: start it again with --run-dir {run_dir})')
+        raise ValueError(f'--resume {run_dir}: no training-state.pt there (not a distill.py run folder, or '
+                         'a run that stopped before its first snapshot: start it again with '
+                         f'--run-dir {run_dir})')
     return state
 
 
@@ -194,7 +197,8 @@ def _train(cfg, state, run_dir, where, stop_at_iteration, progress, log, on_tick
     torch.manual_seed(cfg.seed * world + rank)  # dropout: a different stream on every rank
     total = int(cfg.kimg * 1000)
     settings = train.Settings(
-        iterations=train.iterations_for(cfg.kimg, cfg.batch), batch=cfg.batch, device=cfg.device, seed=cfg.seed,
+        iterations=train.iterations_for(cfg.kimg, cfg.batch), batch=cfg.batch, device=cfg.device,
+        seed=cfg.seed,
         lr=lambda it: distill.lr_at(cfg, it * cfg.batch, total), tick_kimg=cfg.tick_kimg,
         snapshot_kimg=cfg.snapshot_kimg, precision=cfg.precision, compile=cfg.compile,
         compile_backend=cfg.compile_backend, desc=cfg.method, progress=progress)
@@ -204,8 +208,8 @@ def _train(cfg, state, run_dir, where, stop_at_iteration, progress, log, on_tick
     loop = train.fit(job, settings, run_dir, state, stop_at_iteration, on_tick)
     if rank == 0:
         log(f'stopped at iteration {loop.it} ({loop.nimg / 1000:g} kimg); continue with --resume {run_dir}'
-            if loop.interrupted else f'done: {loop.it} iterations, {loop.nimg / 1000:g} kimg; student written '
-            f'to {job.saved}')
+            if loop.interrupted else f'done: {loop.it} iterations, {loop.nimg / 1000:g} kimg; student '
+            f'written to {job.saved}')
     if loop.interrupted:
         raise KeyboardInterrupt
     return job.student, dict(iterations=loop.it, kimg=loop.nimg / 1000, run_dir=str(run_dir),
@@ -249,7 +253,8 @@ HELP = {'teacher': 'a model spec (python models.py -h); the second stage: a firs
 
 def main(argv=None, doc=None):
     """python distill.py: flags -> settings (presets.resolve) -> run -> the toy before/after table."""
-    p = cli.add_config_flags(cli.parser(doc or distill.__doc__), SFDConfig, presets.help_text(SFDConfig, HELP))
+    helps = presets.help_text(SFDConfig, HELP)  # each flag with every world's preset value
+    p = cli.add_config_flags(cli.parser(doc or distill.__doc__), SFDConfig, helps)
     p.add_argument('--resume', help='continue the run in this folder (may change: '
                    f'{", ".join(presets.flag(f) for f in presets.SFD_RESUMABLE)})')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -261,8 +266,8 @@ def main(argv=None, doc=None):
     if state is not None:
         flags['run_dir'] = args.resume
     method = flags.get('method', state['config']['method'] if state else SFDConfig.method)
-    cfg = presets.resolve(SFDConfig, method, flags, resumed=state and state['config'], world_size=cli.world_size(),
-                          typed=set(flags))  # every bad setting, before any loading
+    cfg = presets.resolve(SFDConfig, method, flags, resumed=state and state['config'],
+                          world_size=cli.world_size(), typed=set(flags))  # every bad setting, before loading
     student, summary = run(cfg, state, progress=not args.quiet)
     path = Path(summary['run_dir']) / 'student.pt'  # a diffusers student is the folder student/
     meta = models.load_meta(path) if cli.rank() == 0 and path.is_file() else {}

@@ -116,8 +116,8 @@ def with_guided_teacher(cfg, stage, net, meta, log=print, world=1):
     values = {}
     if stage == 'stage1' and cfg.teacher.startswith('toy:'):
         if cfg.uncond not in ('', guided_pd.GuidedConfig.uncond):
-            raise ValueError(f'--uncond {cfg.uncond}: a toy teacher\'s :cond network is its own unconditional '
-                             'model (its null label); drop --uncond')
+            raise ValueError(f'--uncond {cfg.uncond}: a toy teacher\'s :cond network is its own '
+                             'unconditional model (its null label); drop --uncond')
         values['uncond'] = ''  # guided_pd_run.load_guided_teacher: a toy's :cond net is its own pair
     if stage == 'stage2':
         values['w_min'], values['w_max'] = meta.get('guidance_range', [cfg.w_min, cfg.w_max])
@@ -181,8 +181,9 @@ def resolve(cls, method, flags, resumed=None, validate=True, world_size=1, typed
         teacher_grid = distill.second_stage_grid(models.load_meta(cfg.teacher), cfg.teacher)
         clash = [k for k, v in teacher_grid.items() if k in (typed or ()) and getattr(cfg, k) != v]
         if clash:
-            raise ValueError(', '.join(f'{flag(k)} {getattr(cfg, k)!r}' for k in clash) + ': the second stage '
-                             f'keeps its teacher\'s grid ({", ".join(f"{k}={v}" for k, v in teacher_grid.items())})')
+            grid = ', '.join(f'{k}={v}' for k, v in teacher_grid.items())
+            raise ValueError(', '.join(f'{flag(k)} {getattr(cfg, k)!r}' for k in clash) +
+                             f': the second stage keeps its teacher\'s grid ({grid})')
         cfg = dataclasses.replace(cfg, **teacher_grid)
     if typed and not resumed and cls is distill.SFDConfig:
         _refuse_ignored_sfd(cfg, typed)
@@ -196,7 +197,8 @@ def _refuse_ignored_sfd(cfg, typed):
     """A flag the chosen method would ignore is refused, naming what it would need instead."""
     ignored = {'nfe': cfg.method == 'sfd-v' and '--nfe-list (SFD-v trains every NFE of its list)',
                'nfe_list': cfg.method != 'sfd-v' and '--method sfd-v (the others train one --nfe)',
-               'data': cfg.method != 'vanilla' and '--method vanilla (SFD draws no data: its teacher makes it)'}
+               'data': cfg.method != 'vanilla' and '--method vanilla (SFD draws no data: its teacher '
+                       'makes it)'}
     for name, instead in ignored.items():
         if instead and name in typed:
             raise ValueError(f'{flag(name)} is not used by --method {cfg.method}: see {instead}')
@@ -275,7 +277,8 @@ def validate_sfd(cfg, world=1, method=None):
     else:
         need(not cfg.grad_checkpointing, 'grad_checkpointing', 'is for diffusers teachers (their UNets)')
         need(not cfg.captions, 'captions', 'prompts are for text-conditioned diffusers teachers')
-    need(cfg.teacher_solver in solvers.SOLVERS, 'teacher_solver', 'choose one of ' + ', '.join(solvers.SOLVERS))
+    need(cfg.teacher_solver in solvers.SOLVERS, 'teacher_solver',
+         'choose one of ' + ', '.join(solvers.SOLVERS))
     kinds = solvers.SCHEDULES + ((UNIFORM,) if diffusers else ())
     need(cfg.schedule in kinds, 'schedule', f'choose one of {", ".join(kinds)}')
     need(cfg.nfe >= 1, 'nfe', 'the student needs at least one network call')
@@ -310,8 +313,10 @@ def validate_guided(cfg, world=1, stage='stage1'):
     """Every guided-distillation setting that cannot work, one error each, naming its flag."""
     need = _checker(cfg)
     need(cfg.sigma_dist in ('cosine', 'lognormal'), 'sigma_dist', 'choose cosine or lognormal')
-    need(cfg.weighting in guided_pd.WEIGHTINGS, 'weighting', f'choose one of {", ".join(guided_pd.WEIGHTINGS)}')
-    need(_finite(cfg.w_min) and cfg.w_min >= 0, 'w_min', 'guidance strengths are >= 0 (w = 0: the conditional model)')
+    need(cfg.weighting in guided_pd.WEIGHTINGS, 'weighting',
+         f'choose one of {", ".join(guided_pd.WEIGHTINGS)}')
+    need(_finite(cfg.w_min) and cfg.w_min >= 0, 'w_min',
+         'guidance strengths are >= 0 (w = 0: the conditional model)')
     need(_finite(cfg.w_max) and cfg.w_max >= cfg.w_min, 'w_max', 'need w_min <= w_max')
     need(_finite(cfg.t_min) and cfg.t_min > 0, 't_min', 'need 0 < t_min < t_max')
     need(_finite(cfg.t_max) and cfg.t_max > cfg.t_min, 't_max', 'need 0 < t_min < t_max < inf')

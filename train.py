@@ -138,7 +138,8 @@ class Loop:
 
     def no_sync(self, last=True):
         """DDP: no gradient all-reduce on the micro-batches before the last."""
-        return contextlib.nullcontext() if last or not hasattr(self.model, 'no_sync') else self.model.no_sync()
+        sync = last or not hasattr(self.model, 'no_sync')
+        return contextlib.nullcontext() if sync else self.model.no_sync()
 
     def state(self):
         """Everything a resumed run needs (collective under DDP: every rank's torch random state)."""

@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ROOT
 
 import cli
 import distill
 import models
 import toy
-from conftest import ROOT
 
 
 @pytest.fixture(scope='module')

@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ROOT
 
 import train
-from conftest import ROOT
 
 
 class Regression:
