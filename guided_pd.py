@@ -126,6 +126,8 @@ def make_student(net):
         student.enable_guidance_condition()
     off = set()
     for m in student.modules():  # EDM's U-Net blocks keep their p in `dropout`, its U-Nets `label_dropout`
+        if hasattr(m, 'config'):
+            continue  # a diffusers module: its dropout lives in its config (0 in Stable Diffusion)
         for k in ('dropout', 'label_dropout'):
             if type(getattr(m, k, None)) in (int, float):
                 setattr(m, k, 0.0)
