@@ -53,7 +53,7 @@ class SFDJob:
         self.lpips = distill.load_lpips(device) if 'lpips' in cfg.loss else None
         self.data = vanilla_data(cfg) if cfg.method == 'vanilla' else None
         self.calls, self.nfe = [0, 0], cfg.nfe  # (teacher NFE, student calls) per sample so far
-        self.config = _plain(dict(dataclasses.asdict(cfg), run_dir=str(run_dir)))
+        self.config = presets.plain(dict(dataclasses.asdict(cfg), run_dir=str(run_dir)))
 
     def iteration(self, loop):
         """One iteration of Alg. 3 (vanilla) or Alg. 4-7 (the SFD family)."""
@@ -130,15 +130,6 @@ def _prompts(teacher, captions_file):
         return None
     import captions
     return captions.training_prompts(teacher, captions_file)
-
-
-def _plain(v):
-    """Tuples to lists (recursively): what torch.load(weights_only=True) and JSON both accept."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(u) for u in v]
-    if isinstance(v, dict):
-        return {k: _plain(u) for k, u in v.items()}
-    return v
 
 
 def vanilla_data(cfg):

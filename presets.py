@@ -166,7 +166,7 @@ def resolve(cls, method, flags, resumed=None, validate=True, world_size=1, typed
     values = {k: v for k, v in preset.items() if not callable(v)}                       # 2
     if resumed:                                                                          # 3
         conflicts = sorted(k for k, v in explicit.items() if k not in resumable and k in resumed
-                           and _plain(v) != _plain(resumed[k]))
+                           and plain(v) != plain(resumed[k]))
         if conflicts:
             raise ValueError(f'--resume {explicit.get("run_dir", "")}: the run was made with ' + ', '.join(
                 f'{flag(k)} {resumed[k]!r}' for k in conflicts) + '; only ' +
@@ -236,8 +236,14 @@ def _typed(cls, name, value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _plain(v):
-    return list(v) if isinstance(v, (tuple, list)) else v
+def plain(v):
+    """Tuples to lists (recursively): what torch.load(weights_only=True) and JSON both accept, and
+    what a stored run's settings are compared in."""
+    if isinstance(v, (list, tuple)):
+        return [plain(u) for u in v]
+    if isinstance(v, dict):
+        return {k: plain(u) for k, u in v.items()}
+    return v
 
 
 def flag(name):
