@@ -236,9 +236,10 @@ def run_folder(run_dir, name, resume=False, root='runs'):
     locked, and only under the lock checked to hold no other run (so two runs started together into
     one folder cannot both pass). `resume` needs the folder's own snapshot instead. Rank 0 decides,
     the other ranks receive the path."""
-    path, lock = None, None
+    path, lock, created = None, None, False
     if rank() == 0:
         path = Path(run_dir) if run_dir else _allocate(root, name)
+        created = not run_dir or not path.exists()
         _make_folder(path, '--resume' if resume else '--run-dir')
         lock = RunLock(path).__enter__()
         try:
@@ -253,9 +254,17 @@ def run_folder(run_dir, name, resume=False, root='runs'):
         path = Path(shared[0])
     try:
         yield path
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
+    except BaseException:
+        _release(lock)
+        if created and not any(path.iterdir()):  # a run that failed before writing anything
+            path.rmdir()                            # leaves no empty numbered folder behind
+        raise
+    _release(lock)
+
+
+def _release(lock):
+    if lock is not None:
+        lock.__exit__(None, None, None)
 
 
 class RunLock:

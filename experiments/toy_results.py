@@ -1,8 +1,9 @@
 """The README's toy results: every SFD method and the baselines on the 2-D ring teacher.
 
 Trains SFD + AFS (2 NFE), SFD-v (NFE 2-5), the second stage (1 NFE, from the SFD-v model) and
-vanilla trajectory distillation (2 NFE, at the same teacher cost per sample as SFD) for each
-seed, and prints metric A (mean distance to the teacher's own fine ODE solution from the same
+vanilla trajectory distillation (2 NFE) for each seed: vanilla with its DPM-Solver-2 teacher at
+the same teacher cost per sample as SFD's DPM-Solver++(3M), and a like-for-like pair (the same
+DPM-2 teacher, K = 4 sub-steps per interval and 100 kimg for both methods). It prints metric A (mean distance to the teacher's own fine ODE solution from the same
 noise) and the sliced W2 distance to the data, as a markdown table (mean +- std over seeds).
 
     python experiments/toy_results.py --seeds 0 1 2      # ~7 minutes on a 2-core CPU
@@ -19,10 +20,10 @@ import toy  # noqa: E402
 import models  # noqa: E402
 
 
-def run(method, seed, out, **kw):
+def run(method, seed, out, name=None, **kw):
     # The toy world's preset (distill.apply_defaults) in every setting `kw` does not give.
     cfg = distill.SFDConfig(teacher=kw.pop('teacher', 'toy:ring'), method=method, seed=seed,
-                            run_dir=str(out / f'{method}-{seed}'), **kw)
+                            run_dir=str(out / f'{name or method}-{seed}'), **kw)
     cfg = distill.apply_defaults(cfg, explicit=set(kw))
     distill.distill(cfg, progress=False, log=lambda *_: None)
     return models.load_model(Path(cfg.run_dir) / 'student.pt')
@@ -54,6 +55,12 @@ def main():
         # K x 2 = 8 (DPM-Solver-2 over K = 4 sub-steps): 150 kimg of vanilla = 100 kimg of SFD.
         net, meta = run('vanilla', seed, out, kimg=150.0)
         add('vanilla, DPM-2 teacher (150 kimg)', net, meta['sampling'], 2)
+        # Like for like: the same teacher solver and K = 4 sub-steps per interval, the same 100
+        # kimg, so that only the algorithm differs (Alg. 3 vs Alg. 4/5).
+        net, meta = run('sfd', seed, out, name='sfd-dpm2', teacher_solver='dpm2', K=4)
+        add('SFD + AFS, DPM-2 teacher, K = 4 (100 kimg)', net, meta['sampling'], 2)
+        net, meta = run('vanilla', seed, out, name='vanilla-100', K=4, kimg=100.0)
+        add('vanilla, DPM-2 teacher, K = 4 (100 kimg)', net, meta['sampling'], 2)
         net, meta = run('sfd-v', seed, out, kimg=200.0)
         sfdv = out / f'sfd-v-{seed}' / 'student.pt'
         for k in (2, 3, 4, 5):

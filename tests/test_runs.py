@@ -129,3 +129,24 @@ def test_pairings_that_cannot_be_meant(teacher_file, tmp_path, capsys):
                                  '--kimg', '0.016', '--batch', '8', '--device', 'cpu', '--quiet',
                                  '--run-dir', str(tmp_path / 'g')])
     assert e.value.code == 2 and "the teacher's unconditional twin" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_numbered_folder(tmp_path):
+    """A mistyped teacher must not litter runs/ with empty numbered folders; a folder the user named,
+    or one the run already wrote into, stays."""
+    root = tmp_path / 'runs'
+    with pytest.raises(ValueError, match='no teacher'):
+        with cli.run_folder('', 'sfd-x', root=str(root)):
+            raise ValueError('no teacher')
+    assert list(root.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.run_folder('', 'sfd-x', root=str(root)) as path:
+            (path / 'stats.jsonl').write_text('{}\n')
+            raise KeyboardInterrupt
+    assert [p.name for p in root.iterdir()] == [path.name] and (path / 'stats.jsonl').is_file()
+    named = tmp_path / 'mine'
+    named.mkdir()
+    with pytest.raises(ValueError):
+        with cli.run_folder(str(named), 'sfd-x'):
+            raise ValueError('no teacher')
+    assert named.is_dir()
