@@ -20,6 +20,7 @@ import torch
 
 import cli
 import latent
+import model_cards
 
 
 def read_captions(path, flag='--captions'):
@@ -157,9 +158,13 @@ def main(argv=None):
         p.add_argument('--prompts', required=True, help='the prompts given to sample.py (image i: prompt i)')
         p.add_argument('--batch', type=int, default=64)
         p.add_argument('--device', default='auto')
+        p.add_argument('--card', help="a student's folder: put the score into its model card README.md")
+        p.add_argument('--card-nfe', type=int, help='with --card: the NFE the images were sampled at')
         args = p.parse_args(argv[1:])
         if not Path(args.images).is_file():
             raise ValueError(f'--images {args.images}: no such file (write it with sample.py --npz)')
+        if args.card:
+            model_cards.read_card(args.card)  # a card to write into, before the network runs
         with np.load(args.images) as f:
             images = torch.from_numpy(f['images']).permute(0, 3, 1, 2)
         prompts = read_captions(args.prompts, '--prompts')
@@ -167,6 +172,10 @@ def main(argv=None):
                            device=cli.device(args.device))
         print(f'CLIP score ({CLIP[0]}, {CLIP[1]}), {len(images)} images: {score:.4f} '
               f'(x100: {100 * score:.2f})')
+        if args.card:
+            protocol = f'open_clip {CLIP[0]} ({CLIP[1]}), mean cosine, {len(images)} images of ' \
+                       f'{Path(args.prompts).name}'
+            model_cards.add_metric(args.card, 'clip-score', score, 'CLIP score', protocol, nfe=args.card_nfe)
         return
     p.add_argument('--images', required=True, help='the MS-COCO image folder, e.g. val2014/')
     p.add_argument('--captions', required=True, help='its captions JSON, e.g. captions_val2014.json')

@@ -20,6 +20,7 @@ import torch
 import cli
 import data
 import distill
+import model_cards
 import models
 import presets
 import solvers
@@ -266,5 +267,8 @@ def main(argv=None, doc=None):
     if name and args.eval_n > 0:  # a toy run: the before/after table
         first = models.load(meta['teacher']) if meta['method'] == 'second-stage' else None
         teacher = models.load(f'toy:{name}')[0]
-        print(toy.before_after_table(name, student.cpu(), meta, teacher, first_stage=first, n=args.eval_n))
+        table = toy.before_after_table(name, student.cpu(), meta, teacher, first_stage=first, n=args.eval_n)
+        print(table)
+        for m in model_cards.table_metrics(table, args.eval_n):  # metric A into the run's model card
+            model_cards.add_metric(summary['run_dir'], **m)
     cli.close_distributed()

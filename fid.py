@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import model_cards
 from inception import NVIDIA_URL, WEIGHTS_URL, InceptionV3, download_weights, load_inception  # noqa: F401
 
 # The protocol names, and the description each statistics file stores (the pytorch-fid one is
@@ -525,6 +526,9 @@ def _parser():
     calc.add_argument('--splits', type=int, default=10, help='Inception Score splits')
     calc.add_argument('--allow-foreign-ref', action='store_true',
                       help='compare against statistics of another protocol anyway, with a warning')
+    calc.add_argument('--card', help="a student's folder (or an EDM-format run's): put this FID, with its "
+                      'protocol, into its model card README.md (model_cards.py), keeping the rest')
+    calc.add_argument('--card-nfe', type=int, help='with --card: the NFE the images were sampled at')
     pr = sub.add_parser('prdc', help='precision, recall, density and coverage (Naeem et al. 2020)')
     pr.add_argument('--images', required=True, help='generated images (folder, zip or .npz)')
     pr.add_argument('--ref-images', required=True, help="real images: 'cifar10', a folder, zip or .npz")
@@ -592,7 +596,9 @@ def main(argv=None):
               f'  (k = {args.k}; {len(feats[1])} images vs {len(feats[0])} real)')
         return scores
 
-    # calc: check everything cheap (reference file, protocol, counts, size) before running the network.
+    # calc: check everything cheap (reference file, protocol, counts, size, card) before running the network.
+    if args.card:
+        model_cards.read_card(args.card)
     ref_stats = load_reference(args.ref)
     check_stats(ref_stats, args.protocol, 'reference', args.allow_foreign_ref)
     if ref_stats.get('protocol_inferred'):
@@ -616,6 +622,12 @@ def main(argv=None):
           f'protocol {args.protocol})')
     if n is not None and n != 50000:
         print(f'Note: FID is biased by the number of images; papers report it for 50,000, not {n}.')
+    if args.card:
+        ref = Path(str(args.ref).split('?')[0]).stem
+        protocol = f'{PROTOCOLS[args.protocol]}; {n if n is not None else "?"} images vs {ref}'
+        model_cards.add_metric(args.card, 'fid', fid, f'FID ({args.protocol} protocol)', protocol, ref,
+                               args.card_nfe)
+        print(f'FID written into the model card {Path(args.card) / model_cards.CARD}')
     return fid
 
 

@@ -29,6 +29,7 @@ import torch
 
 import cli
 import latent
+import solvers
 
 # What load() takes from a pipeline; everything else (safety checker, feature extractor) is skipped.
 COMPONENTS = ('unet', 'scheduler', 'vae', 'vqvae', 'text_encoder', 'tokenizer')
@@ -180,7 +181,10 @@ def save_student(folder, net, prior=None, **meta):
         folder/unet/              net.unet.save_pretrained: config.json (time_cond_proj_dim included)
                                   and diffusion_pytorch_model.safetensors, i.e.
                                   UNet2DConditionModel.from_pretrained(folder, subfolder='unet')
-        folder/scheduler/         the scheduler's config (the noise levels)
+        folder/scheduler/         a student sampled with Euler steps over its own grid (SFD, Meng's
+                                  stage two): stock_pipelines.StudentScheduler, which samples it in
+                                  stock pipelines and holds the teacher's scheduler config (the noise
+                                  levels); any other (Meng's stage one): the teacher's own scheduler
         folder/diffdistill.json   base (the pipeline whose VAE, text encoder and tokenizer it uses),
                                   condition, prior ('edm': sampled from t_max z; default net.prior),
                                   prediction type, and `meta`: plain data, the sampling recipe and lineage
@@ -194,13 +198,24 @@ def save_student(folder, net, prior=None, **meta):
     tmp, old = (folder.with_name(f'.{folder.name}.{what}{os.getpid()}') for what in ('tmp', 'old'))
     shutil.rmtree(tmp, ignore_errors=True)
     net.unet.save_pretrained(tmp / 'unet')
-    net._parts.scheduler.save_pretrained(tmp / 'scheduler')
+    _student_scheduler(net, prior or net.prior, meta.get('sampling')).save_pretrained(tmp / 'scheduler')
     (tmp / STUDENT_FILE).write_text(text)
     if folder.exists():  # swap: a reader sees the old folder or the new one, never half of one
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _student_scheduler(net, prior, recipe):
+    """The scheduler a student folder holds: stock_pipelines.StudentScheduler for a recipe of its
+    solvers (imported here: it needs diffusers), else the teacher's own."""
+    if recipe is None:
+        return net._parts.scheduler
+    import stock_pipelines
+    if solvers.Recipe.from_dict(recipe).solver not in stock_pipelines.SOLVERS:
+        return net._parts.scheduler  # Meng's stage one: sampled as its teacher, by the teacher's scheduler
+    return stock_pipelines.for_student(net, recipe, prior)
 
 
 def _read_student_info(folder):
@@ -225,12 +240,17 @@ def load_student(folder, device='cpu', dtype=None, use_fp16=True):
     folder = Path(str(folder)).expanduser()
     info, classes = _read_student_info(folder)
     cls = {name: getattr(diffusers, c, None) for name, c in classes.items()}
+    own = classes['scheduler'] == 'StudentScheduler'  # stock_pipelines' (older folders: the teacher's)
+    if own:
+        import stock_pipelines
+        cls['scheduler'] = stock_pipelines.StudentScheduler
     if None in cls.values():
         raise ValueError(f'{folder}: unknown diffusers classes {classes}')
     unet = cls['unet'].from_pretrained(folder, subfolder='unet', local_files_only=True,
                                        dtype=dtype or torch.float32,
                                        low_cpu_mem_usage=diffusers.utils.is_accelerate_available())
     scheduler = cls['scheduler'].from_pretrained(folder, subfolder='scheduler', local_files_only=True)
+    scheduler = scheduler.teacher() if own else scheduler  # the teacher's levels, as the teacher had them
     parts, index = _read_pipeline(info['base'], dtype, ('vae', 'vqvae', 'text_encoder', 'tokenizer'))
     net = _assemble(unet, scheduler, parts, folder, use_fp16, info['prediction_type'])
     net.condition, net.prior, net.base = info['condition'], info['prior'], info['base']

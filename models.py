@@ -47,6 +47,7 @@ import torch
 import data
 import hub
 import latent
+import model_cards
 import solvers
 import toy
 import unet
@@ -432,23 +433,61 @@ def toy_world(spec):
 # ---------------------------------------------------------------------------------------------
 
 def save_student(folder, name, net, **meta):
-    """Write a trained denoiser so that `load` reads it back; returns the spec's path.
+    """Write a trained denoiser so that `load` reads it back, with its model card; returns the spec's path.
 
-    An EDM-style network (unet.EDMPrecond) becomes our file folder/<name>.pt (`save_model`); a
-    diffusers denoiser (latent.Denoiser) the student folder folder/<name> (hub.save_student:
-    diffusers' own format). meta: plain data (the sampling recipe, lineage, ...); its `prior`
-    ('vp': started as diffusers starts, from sqrt(1 + t_max^2) z; 'edm': from t_max z) is the
-    diffusers student's, and an EDM-style network, always started from t_max z, drops it.
+    An EDM-style network (unet.EDMPrecond) becomes our file folder/<name>.pt (`save_model`; the card
+    is folder/README.md); a diffusers denoiser (latent.Denoiser) the student folder folder/<name>
+    (hub.save_student: diffusers' own format; its card inside). meta: plain data (the sampling
+    recipe, lineage, ...); its `prior` ('vp': started as diffusers starts, from sqrt(1 + t_max^2) z;
+    'edm': from t_max z) is the diffusers student's, and an EDM-style network, always started from
+    t_max z, drops it.
     """
     folder = Path(folder)
+    if isinstance(meta.get('sampling'), solvers.Recipe):
+        meta['sampling'] = meta['sampling'].to_dict()
     if isinstance(net, unet.EDMPrecond):
         meta.pop('prior', None)
-        return save_model(folder / f'{name}.pt', net, **meta)
+        path = save_model(folder / f'{name}.pt', net, **meta)
+        write_card(folder, meta, str(path))
+        return path
     if isinstance(net, latent.Denoiser):
-        if isinstance(meta.get('sampling'), solvers.Recipe):
-            meta['sampling'] = meta['sampling'].to_dict()
-        return hub.save_student(folder / name, net, **meta)
+        path = hub.save_student(folder / name, net, **meta)
+        write_card(path, dict(meta, diffusers=True, base=net.base, text=net.text,
+                              stock_pipeline=_stock_pipeline(path, net.text)), str(path), run_dir=folder)
+        return path
     raise TypeError(f'save_student: a {type(net).__name__} is neither unet.EDMPrecond nor latent.Denoiser')
+
+
+def _stock_pipeline(path, text):
+    """How a student folder runs in a stock diffusers pipeline: 'direct' (its StudentScheduler),
+    'export' (stock_pipelines.export first), 'teacher' (the teacher's scheduler), or None."""
+    config = json.loads((Path(path) / 'scheduler' / 'scheduler_config.json').read_text())
+    if config.get('_class_name') != 'StudentScheduler':
+        return 'teacher'
+    if config['solver'] != 'euler':
+        return None
+    return 'export' if config['step_values'] or not text else 'direct'
+
+
+def stored_meta(spec):
+    """The stored metadata of a model file of ours or a student folder, else None (reads no weights)."""
+    spec = str(spec)
+    try:
+        if _is_file(spec, '.pt', '.pth') and '://' not in spec:
+            return load_meta(spec)
+        if hub.is_student(spec):
+            return json.loads((Path(spec).expanduser() / hub.STUDENT_FILE).read_text()).get('meta')
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
+
+
+def write_card(folder, meta, model, run_dir=None):
+    """folder/README.md, the model card of the student `model` (model_cards.write_card), its licence
+    followed back to the first teacher."""
+    teacher = meta.get('teacher') or meta.get('base') or ''
+    return model_cards.write_card(folder, meta, model, run_dir,
+                                  model_cards.licence(teacher, kind_of, stored_meta))
 
 
 def spec_forms():

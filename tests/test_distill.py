@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import model_cards
 import models
 import distill
 import solvers
@@ -252,6 +253,8 @@ def test_cli_prints_the_before_after_table(tmp_path, capsys):
     distill.main(['--teacher', 'toy:ring', '--kimg', '1', '--quiet', '--run-dir', str(tmp_path / 'cli')])
     out = capsys.readouterr().out
     assert 'DPM-Solver++(3M)' in out and 'student' in out and (tmp_path / 'cli' / 'student.pt').exists()
+    (a,) = model_cards.read_card(tmp_path / 'cli')['metrics']  # the table's metric A is in the run's card
+    assert a['type'] == 'metric-a' and a['nfe'] == 2 and f'{a["value"]:.4f}' in out
 
 
 def test_image_teacher_code_path(tmp_path):

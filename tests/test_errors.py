@@ -283,7 +283,8 @@ def test_a_signal_writes_a_snapshot_and_the_run_resumes(files, tmp_path, sig):
     state = torch.load(run / 'training-state.pt', weights_only=True)
     rows = [json.loads(line) for line in open(run / 'stats.jsonl')]
     assert state['iteration'] == rows[-1]['iteration'] >= 2
-    assert sorted(p.name for p in run.iterdir()) == ['stats.jsonl', 'student.pt', 'training-state.pt']
+    assert sorted(p.name for p in run.iterdir()) == ['README.md', 'stats.jsonl', 'student.pt',
+                                                     'training-state.pt']
     student, summary = distill.distill(distill.SFDConfig(kimg=(state['iteration'] + 1) * 0.032), resume=str(run),
                                        progress=False, log=lambda *_: None, explicit={'kimg'})
     assert summary['iterations'] == state['iteration'] + 1
