@@ -52,6 +52,8 @@ class SFDConfig:
     t_min: float = 0.006                 # Sec. 3.2: raised from EDM's 0.002
     t_max: float = 80.0
     loss: str = 'l1'                     # l1 | l2 | pseudo_huber | lpips | l1+lpips
+    lpips_vgg: str = ''                  # LPIPS: torchvision's VGG16 file (path/URL); '' = download once
+    lpips_weights: str = ''              # LPIPS: piq's lpips_weights.pt (path/URL); '' = download once
     lr: float = 5e-5                     # Adam(0.9, 0.999), divided by 10 half-way
     batch: int = 128                     # trajectories per iteration, over all processes
     accumulate: int = 1                  # micro-batches per update (SD: 128 = 16 x 8)
@@ -135,13 +137,12 @@ def per_sample_loss(metric, x, target, lpips=None):
     raise ValueError(f'unknown loss {metric!r}; choose one of {LOSSES}')
 
 
-def load_lpips(device):
-    """The LPIPS network of the official code (piq, VGG16 with average pooling); optional."""
-    try:
-        import piq
-    except ImportError as e:
-        raise ImportError('the lpips loss needs the optional package piq: pip install piq') from e
-    return piq.LPIPS(replace_pooling=True, reduction='none').to(device)
+def load_lpips(device, vgg_weights=None, lpips_weights=None):
+    """The official code's LPIPS (piq's: VGG16 with average pooling, its learned weights), written out
+    in lpips_vgg.py. Each argument: a local path or URL of torchvision's VGG16 state dict and of piq's
+    lpips_weights.pt; None = the official file, downloaded once (sha256 checked) and cached."""
+    import lpips_vgg
+    return lpips_vgg.load(device, vgg_weights, lpips_weights)
 
 
 # ---------------------------------------------------------------------------------------------

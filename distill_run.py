@@ -51,7 +51,8 @@ class SFDJob:
             student.unet.enable_gradient_checkpointing()  # the same gradients, recomputed block by block
         self.student = student
         self.optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.lpips = distill.load_lpips(device) if 'lpips' in cfg.loss else None
+        self.lpips = (distill.load_lpips(device, cfg.lpips_vgg or None, cfg.lpips_weights or None)
+                      if 'lpips' in cfg.loss else None)
         self.data = vanilla_data(cfg) if cfg.method == 'vanilla' else None
         self.calls, self.nfe = [0, 0], cfg.nfe  # (teacher NFE, student calls) per sample so far
         self.config = presets.plain(dict(dataclasses.asdict(cfg), run_dir=str(run_dir)))
@@ -173,6 +174,7 @@ def run(cfg, state=None, stop_at_iteration=None, progress=True, log=print, on_ti
     folder is claimed under its lock before the teacher is loaded, and held to the end."""
     models.check_spec(cfg.teacher)  # its form, and a cache it would be written to, before anything slow
     rank, world, device = cli.init_distributed(cli.device(cfg.device))
+    cli.rank_zero_first(lambda: lpips_files(cfg))  # LPIPS's weights: now, not after loading the teacher
     with cli.run_folder(cfg.run_dir, default_run_name(cfg), resume=state is not None) as run_dir:
         return _train(cfg, state, run_dir, (rank, world, device), stop_at_iteration, progress, log, on_tick)
 
@@ -208,6 +210,17 @@ def _train(cfg, state, run_dir, where, stop_at_iteration, progress, log, on_tick
                              teacher_nfe=job.calls[0], student_calls=job.calls[1])
 
 
+def lpips_files(cfg):
+    """A loss with LPIPS: its two weight files, found (given, cached) or downloaded once, or one error
+    naming the files, the cache folder they go in, the flags that point at copies and --loss l1."""
+    if 'lpips' not in cfg.loss:
+        return None
+    import lpips_vgg
+    return lpips_vgg.weight_files(cfg.lpips_vgg or None, cfg.lpips_weights or None,
+                                  instead=', or point --lpips-vgg and --lpips-weights at copies of them, '
+                                          f'or train without LPIPS: --loss l1 (this run: --loss {cfg.loss})')
+
+
 def default_run_name(cfg):
     return f'{cfg.method}-{cfg.teacher.replace(":", "-").replace("/", "_")}-nfe{cfg.nfe}'.replace('..', '')
 
@@ -232,6 +245,10 @@ HELP = {'teacher': 'a model spec (python models.py -h); the second stage: a firs
         'teacher_solver': f'one of {", ".join(solvers.SOLVERS)}',
         'schedule': f'one of {", ".join(solvers.SCHEDULES)} (diffusers teachers also {presets.UNIFORM})',
         'loss': f'one of {", ".join(distill.LOSSES)}',
+        'lpips_vgg': "LPIPS losses: torchvision's vgg16-397923af.pth (path or URL); '' = download it once "
+                     '(528 MB) into the cache ($SFD_CACHE)',
+        'lpips_weights': "LPIPS losses: piq's lpips_weights.pt (path or URL); '' = download it once into "
+                         'the cache',
         'kimg': 'thousands of teacher trajectories (paper: SFD 200, SFD-v 800, second stage 2000)',
         'lr': 'Adam lr, divided by 10 half-way (paper 5e-5, second stage 5e-4)',
         'batch': 'trajectories per iteration, over all processes',

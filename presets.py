@@ -22,6 +22,7 @@ flag is generated here from the same tables (`help_text`), so it cannot drift fr
 
 import dataclasses
 import math
+from pathlib import Path
 
 import cli
 import distill
@@ -44,7 +45,8 @@ _TOY = dict(lr=5e-4, batch=256, kimg=100.0, tick_kimg=5.0, snapshot_kimg=50.0)
 _IMAGES = dict(lr=2e-4, batch=32, kimg=3.0, tick_kimg=0.5, snapshot_kimg=1.0)
 # The official launch script's second stage: 2000K trajectories, lr 10x, K = M + 1 = 3 (the text
 # says K = 2; with K = 3 the 1-NFE student's teacher is the first-stage student at 2 * 3 - 1 = 5
-# NFE, which every SFD-v model of Table 7 was trained at). Images: L1 + LPIPS (Sec. 4.2).
+# NFE, which every SFD-v model of Table 7 was trained at). Images: L1 + LPIPS (Sec. 4.2), whose
+# weights are downloaded once (lpips_vgg.py); a run without them stops before training and says so.
 _SECOND = dict(nfe=1, K=3, lr=5e-4, kimg=2000.0)
 # SFD Table 6, Stable Diffusion: DPM-Solver++(2M) (SD's own), K = 3, t_min raised to 0.1, no AFS
 # (SD's trajectories are not straight enough near t_max, Fig. 9c), 100K trajectories per NFE, lr
@@ -78,7 +80,7 @@ SFD = {
 }
 # May change when a run is resumed (accumulation and checkpointing change memory, not the updates).
 SFD_RESUMABLE = ('kimg', 'tick_kimg', 'snapshot_kimg', 'device', 'compile', 'compile_backend', 'run_dir',
-                 'accumulate', 'grad_checkpointing')
+                 'accumulate', 'grad_checkpointing', 'lpips_vgg', 'lpips_weights')
 
 # ---------------------------------------------------------------------------------------------
 # Guided distillation (guided_pd.py): stage1 and stage2
@@ -187,7 +189,6 @@ def resolve(cls, method, flags, resumed=None, validate=True, world_size=1, typed
         cfg = dataclasses.replace(cfg, **teacher_grid)
     if typed and not resumed and cls is distill.SFDConfig:
         _refuse_ignored_sfd(cfg, typed)
-    cfg = _lpips_available(cfg, explicit)
     if validate:
         (validate_sfd if cls is distill.SFDConfig else validate_guided)(cfg, world_size, method)
     return cfg
@@ -202,6 +203,10 @@ def _refuse_ignored_sfd(cfg, typed):
     for name, instead in ignored.items():
         if instead and name in typed:
             raise ValueError(f'{flag(name)} is not used by --method {cfg.method}: see {instead}')
+    for name in ('lpips_vgg', 'lpips_weights'):
+        if name in typed and 'lpips' not in cfg.loss:
+            raise ValueError(f'{flag(name)} is not used by --loss {cfg.loss}: only an LPIPS loss (l1+lpips, '
+                             'lpips) reads it')
 
 
 def with_levels(cfg, net):
@@ -211,18 +216,6 @@ def with_levels(cfg, net):
     if hasattr(net, 'check_levels'):
         net.check_levels(cfg.t_min, cfg.t_max)
     return cfg
-
-
-def _lpips_available(cfg, explicit):
-    """The second stage's L1 + LPIPS (Sec. 4.2) needs the LPIPS weights' package; without it, L1."""
-    if getattr(cfg, 'loss', '') != 'l1+lpips' or 'loss' in explicit:
-        return cfg
-    try:
-        import piq  # noqa: F401
-        return cfg
-    except ImportError:
-        print('second stage: piq is not installed, training with L1 only (pip install piq for LPIPS)')
-        return dataclasses.replace(cfg, loss='l1')
 
 
 def _names(cls):
@@ -305,6 +298,12 @@ def validate_sfd(cfg, world=1, method=None):
     need(cfg.seed >= 0, 'seed', 'must be a non-negative integer')
     need(cfg.precision in solvers.PRECISIONS, 'precision', f'choose one of {", ".join(solvers.PRECISIONS)}')
     cli.device(cfg.device)  # e.g. --device cuda without a GPU
+    if 'lpips' in cfg.loss:
+        need(world_of(cfg.teacher) in ('cifar10', 'images'), 'loss', 'LPIPS compares RGB images, this '
+             'teacher gives 2-D points or latents: use l1, l2 or pseudo_huber')
+        for name in ('lpips_vgg', 'lpips_weights'):
+            path = getattr(cfg, name)
+            need('://' in path or not path or Path(path).expanduser().is_file(), name, 'no such file')
     if cfg.method == 'vanilla':
         need(cfg.teacher_solver in ('euler', 'heun', 'dpm2'), 'teacher_solver',
              'vanilla distillation (Alg. 3) needs a single-step solver over K sub-steps: euler, heun or dpm2')

@@ -63,15 +63,6 @@ def test_losses_by_hand():
         distill.per_sample_loss('l3', x, t)
 
 
-def test_lpips_is_optional_with_a_clear_error():
-    try:
-        import piq  # noqa: F401
-        pytest.skip('piq is installed')
-    except ImportError:
-        with pytest.raises(ImportError, match='pip install piq'):
-            distill.load_lpips('cpu')
-
-
 @pytest.mark.parametrize('afs', [True, False])
 def test_iteration_costs_K_N_teacher_and_N_minus_afs_student_calls(teacher, afs, tmp_path):
     cfg = toy_cfg(tmp_path, afs=afs, nfe=3)
