@@ -59,6 +59,9 @@ class SFDConfig:
     accumulate: int = 1                  # micro-batches per update (SD: 128 = 16 x 8)
     captions: str = ''                   # text teachers: the prompts (one per line, COCO .json, .csv)
     grad_checkpointing: bool = False     # diffusers students: recompute activations in backward
+    lora_rank: int = 0                   # diffusers students: train LoRA adapters of this rank only (0: all)
+    lora_alpha: float = 0.0              # the adapters' scale is alpha / rank; 0: alpha = rank
+    lora_targets: str = ''               # the UNet layers adapted; '': attention + feed-forward (hub.py)
     kimg: float = 200.0                  # thousands of teacher trajectories (200K = 1563 iterations)
     data: str = 'cifar10'                # vanilla only: where the x_0 come from
     seed: int = 0

@@ -20,6 +20,7 @@ import torch
 import cli
 import data
 import distill
+import hub
 import model_cards
 import models
 import presets
@@ -47,10 +48,12 @@ class SFDJob:
         student = copy.deepcopy(teacher).train().requires_grad_(True)
         if cfg.method == 'sfd-v' and not student.use_step_condition:
             student.enable_step_condition()  # Alg. 6, "Initialize": zero-initialised, an exact no-op
+        if cfg.lora_rank:  # a LoRA student: the UNet frozen, adapters with B = 0 (still psi = theta)
+            hub.add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         if cfg.grad_checkpointing:
             student.unet.enable_gradient_checkpointing()  # the same gradients, recomputed block by block
         self.student = student
-        self.optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.Adam(hub.trainable(student), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.lpips = (distill.load_lpips(device, cfg.lpips_vgg or None, cfg.lpips_weights or None)
                       if 'lpips' in cfg.loss else None)
         self.data = vanilla_data(cfg) if cfg.method == 'vanilla' else None
@@ -257,7 +260,11 @@ HELP = {'teacher': 'a model spec (python models.py -h); the second stage: a firs
         't_max': "diffusers teachers: 0 = the model's sigma_max (SD: 14.6146)",
         'captions': 'text teachers (SD): the prompts, one per line, MS-COCO captions .json or .csv (text)',
         'precision': 'auto = bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16',
-        'compile_backend': 'torch.compile backend when --compile is true'}
+        'compile_backend': 'torch.compile backend when --compile is true',
+        'lora_rank': 'diffusers teachers: a LoRA student, only adapters of this rank train (0: all)',
+        'lora_alpha': 'LoRA scale alpha / rank (0: alpha = rank)',
+        'lora_targets': "UNet layers given adapters, comma-separated ('': hub.LORA_TARGETS, attention and "
+                        'feed-forward projections)'}
 
 
 def main(argv=None, doc=None):

@@ -61,6 +61,9 @@ class GuidedConfig:
     accumulate: int = 1                   # micro-batches per update (the same update in less memory)
     ema: float = 0.9999                   # EMA decay (App. B.2); stage two: none (0)
     grad_clip: float = 1.0                # official configs
+    lora_rank: int = 0                    # diffusers stage one: LoRA adapters of this rank only (0: all)
+    lora_alpha: float = 0.0               # the adapters' scale is alpha / rank; 0: alpha = rank
+    lora_targets: str = ''                # the UNet layers adapted; '': attention + feed-forward (hub.py)
     seed: int = 0
     run_dir: str = ''                     # '' = a new folder runs/<00000>-guided-<stage>-<teacher>
     tick_kimg: float = 64.0               # one stats.jsonl row per tick

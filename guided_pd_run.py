@@ -28,6 +28,7 @@ import torch
 import cli
 import data
 import guided_pd
+import hub
 import models
 import presets
 import toy
@@ -158,7 +159,9 @@ class StageOne(_Job):
         self.D_w, self.tmeta, self.data = D_w, tmeta, tmeta.get('data', cfg.data)
         self.draw = draw_source(cfg, net, self.data, dataset)
         self.student = guided_pd.make_student(net)  # Alg. 1: eta_1 starts from the conditional teacher
-        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
+        if cfg.lora_rank:  # a LoRA student: the UNet frozen, adapters with B = 0 and the w projection
+            hub.add_lora(self.student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        self.optimizer = torch.optim.Adam(hub.trainable(self.student), lr=cfg.lr)
         self.iterations, self.lr = train.iterations_for(cfg.kimg, cfg.batch), cfg.lr
 
     def describe(self):
@@ -467,6 +470,10 @@ HELP = {
     'tick_kimg': 'one stats.jsonl row per tick (old --tick N: updates)',
     'precision': 'auto = bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16',
     'compile_backend': 'torch.compile backend when --compile is true',
+    'lora_rank': 'diffusers stage one: a LoRA student, only adapters of this rank (and the w projection) '
+                 'train (0: the whole UNet)',
+    'lora_alpha': 'LoRA scale alpha / rank (0: alpha = rank)',
+    'lora_targets': "UNet layers given adapters, comma-separated ('': hub.LORA_TARGETS)",
 }
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import cli
 import distill
 import guided_pd
+import hub
 import models
 import solvers
 import toy
@@ -304,6 +305,7 @@ def validate_sfd(cfg, world=1, method=None):
         for name in ('lpips_vgg', 'lpips_weights'):
             path = getattr(cfg, name)
             need('://' in path or not path or Path(path).expanduser().is_file(), name, 'no such file')
+    validate_lora(cfg, diffusers)
     if cfg.method == 'vanilla':
         need(cfg.teacher_solver in ('euler', 'heun', 'dpm2'), 'teacher_solver',
              'vanilla distillation (Alg. 3) needs a single-step solver over K sub-steps: euler, heun or dpm2')
@@ -311,6 +313,26 @@ def validate_sfd(cfg, world=1, method=None):
     if cfg.captions:
         import captions
         captions.read_captions(cfg.captions)  # a missing or empty file fails now
+    return cfg
+
+
+def validate_lora(cfg, diffusers):
+    """--lora-rank / --lora-alpha / --lora-targets (hub.add_lora): a rank >= 0 (0: full fine-tuning),
+    LoRA only on a diffusers pipeline (the base its adapters are saved against), peft installed."""
+    need = _checker(cfg)
+    need(isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0, 'lora_rank',
+         'a rank >= 1 for a LoRA student, or 0 for full fine-tuning')
+    need(_finite(cfg.lora_alpha) and cfg.lora_alpha >= 0, 'lora_alpha', 'must be >= 0 (0: alpha = rank)')
+    if not cfg.lora_rank:
+        need(not cfg.lora_alpha, 'lora_alpha', 'applies to LoRA students: give --lora-rank too')
+        need(not cfg.lora_targets, 'lora_targets', 'applies to LoRA students: give --lora-rank too')
+        return cfg
+    need(diffusers, 'lora_rank', 'LoRA students need a diffusers teacher (Stable Diffusion: a hub id or '
+         'pipeline folder); EDM and toy networks train in full (--lora-rank 0)')
+    need(not hub.is_student(cfg.teacher), 'lora_rank', f'the teacher {cfg.teacher} is a student folder; a '
+         'LoRA student\'s adapters plug into a pipeline (a hub id or a folder with model_index.json)')
+    hub.lora_targets(cfg.lora_targets or hub.LORA_TARGETS)
+    hub.require_peft()  # a missing extra: one error now, before the teacher is loaded
     return cfg
 
 
@@ -338,6 +360,9 @@ def validate_guided(cfg, world=1, stage='stage1'):
     need(cfg.seed >= 0, 'seed', 'must be a non-negative integer')
     need(cfg.precision in solvers.PRECISIONS, 'precision', f'choose one of {", ".join(solvers.PRECISIONS)}')
     cli.device(cfg.device)
+    need(not (stage == 'stage2' and cfg.lora_rank), 'lora_rank', 'LoRA students are for stage one (stage '
+         'two distils a student, not a pipeline); --lora-rank 0')
+    validate_lora(cfg, world_of(cfg.teacher) == 'diffusers')
     if stage == 'stage2':
         from pathlib import Path
 

@@ -209,6 +209,9 @@ def export(folder, out, nfe=None):
     """A folder for stock pipelines from a student folder: unet/ (SFD-v's step at `nfe` folded; a pixel
     student's start scale folded) and scheduler/ (that NFE only). Written atomically; returns `out`."""
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    if (folder / 'pytorch_lora_weights.safetensors').is_file() and not (folder / 'unet').is_dir():
+        raise ValueError(f'{folder} is a LoRA student: fold its adapters into a full UNet first '
+                         f'(python hub.py fuse {folder} FULL), then export FULL')
     try:
         config = json.loads((folder / 'scheduler' / 'scheduler_config.json').read_text())
         unet_class = json.loads((folder / 'unet' / 'config.json').read_text())['_class_name']

@@ -9,12 +9,16 @@ runs once per iteration outside the timed loop in a real run; its cost is small)
 
     python benchmarks/sd_iteration.py                   # a GPU: SD-sized, batch 16; a CPU: a tiny UNet
     python benchmarks/sd_iteration.py --nfe 4 --sfd-v --grad-checkpointing
+    python benchmarks/sd_iteration.py --lora-rank 64     # a LoRA student (hub.add_lora; needs peft)
 
 On a CPU it times a tiny UNet (labelled as such: those times say nothing about SD). Either way it
 prints the SD v1.5 memory at the chosen micro-batch computed without running SD: parameter counts
 from the configs and the bytes autograd saves in one student forward, counted under fake tensors
 (shapes only) with the bf16 autocast policy of the CPU, and the attention kernel that keeps no
-attention matrix (as CUDA's flash / memory-efficient ones).
+attention matrix (as CUDA's flash / memory-efficient ones). With --lora-rank R the student is a LoRA
+student (the frozen base, adapters on the attention and feed-forward projections): weights,
+gradients and Adam's m and v of the adapters only, the frozen UNet's fp32 weights, and the bytes
+autograd saves with the adapters in place.
 """
 import copy
 import sys
@@ -26,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import distill  # noqa: E402
+import hub  # noqa: E402
 import presets  # noqa: E402
 import latent  # noqa: E402
 
@@ -64,10 +69,12 @@ def time_iteration(args, dev, unet_kwargs):
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if args.sfd_v:
         student.enable_step_condition()
+    if args.lora_rank:
+        hub.add_lora(student, args.lora_rank)
     if args.grad_checkpointing:
         student.unet.enable_gradient_checkpointing()
     cfg = recipe(args, teacher)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(hub.trainable(student), lr=cfg.lr)
     t_steps = distill.student_schedule(cfg, cfg.nfe, student)
     N = len(t_steps) - 1
     t_teacher = distill.grid(cfg, cfg.K * N, student)
@@ -94,12 +101,13 @@ def time_iteration(args, dev, unet_kwargs):
     return seconds, peak, (cfg.K * N, N)
 
 
-def saved_bytes(batch, checkpointing):
-    """Bytes autograd keeps for backward in one SD student forward at `batch` (fake tensors: no compute)."""
-    from diffusers import UNet2DConditionModel
+def saved_bytes(batch, checkpointing, lora_rank=0):
+    """Bytes autograd keeps for backward in one SD student forward at `batch` (fake tensors: no compute);
+    lora_rank: with a LoRA student's adapters on its frozen UNet."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        unet = UNet2DConditionModel(**SD_UNET).train()
+    unet = _meta_unet(lora_rank)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet.to_empty(device='cpu')  # shapes only: fake storage for the meta-built UNet
         if checkpointing:
             unet.enable_gradient_checkpointing()
         storages = {}
@@ -114,27 +122,52 @@ def saved_bytes(batch, checkpointing):
     return sum(storages.values())
 
 
+def _meta_unet(lora_rank=0):
+    """SD v1.5's UNet on the meta device (no memory), in train mode; a LoRA student's if lora_rank."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+    with torch.device('meta'):
+        unet = UNet2DConditionModel(**SD_UNET).train()
+    if lora_rank:  # the base frozen, adapters on hub.LORA_TARGETS, built on the meta device too
+        sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+        net = latent.wrap(unet, sched)
+        with torch.device('meta'):
+            hub.add_lora(net, lora_rank)
+    return unet
+
+
+def lora_parameters(rank):
+    """The adapters' parameter count of a rank-`rank` LoRA student of SD v1.5 (hub.LORA_TARGETS)."""
+    return sum(p.numel() for p in _meta_unet(rank).parameters() if p.requires_grad)
+
+
 def count(cls, **kwargs):
     """Parameters of a module built from config on the meta device (no memory)."""
     with torch.device('meta'):
         return sum(p.numel() for p in cls(**kwargs).parameters())
 
 
-def memory_table(batch, sfd_v):
-    """SD v1.5's memory for one SFD micro-batch, computed (weights, Adam, teacher, activations)."""
+def memory_table(batch, sfd_v, lora_rank=0):
+    """SD v1.5's memory for one SFD micro-batch, computed (weights, Adam, teacher, activations); with
+    lora_rank, a LoRA student's: Adam and gradients of the adapters (and the projection) only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    P = count(UNet2DConditionModel, **SD_UNET) + (latent.COND_DIM * 320 if sfd_v else 0)
+    proj = latent.COND_DIM * 320 if sfd_v else 0
+    P = count(UNet2DConditionModel, **SD_UNET) + proj
     vae, text = count(AutoencoderKL, **SD_VAE), count(CLIPTextModel, config=CLIPTextConfig(**SD_TEXT))
-    rows = [('student UNet: fp32 weights, gradients, Adam m and v (16 B/param)', 16 * P),
-            ('teacher UNet, fp32 (a deep copy; bf16 autocast casts per call)', 4 * P),
-            ('VAE and CLIP text encoder, fp32 (frozen; hub.load reads both)', 4 * (vae + text))]
+    if lora_rank:
+        L = lora_parameters(lora_rank) + proj  # what trains
+        student = [('student UNet: the frozen fp32 weights (4 B/param)', 4 * P),
+                   (f'rank-{lora_rank} adapters ({L:,}): fp32 weights, gradients, Adam m and v', 16 * L)]
+    else:
+        student = [('student UNet: fp32 weights, gradients, Adam m and v (16 B/param)', 16 * P)]
+    rows = student + [('teacher UNet, fp32 (a deep copy; bf16 autocast casts per call)', 4 * P),
+                      ('VAE and CLIP text encoder, fp32 (frozen; hub.load reads both)', 4 * (vae + text))]
     static = sum(b for _, b in rows)
     lines = [f'SD v1.5 memory at micro-batch {batch} (computed, not measured: UNet {P:,} params, '
              f'VAE {vae:,}, text {text:,})']
     lines += [f'  {what:<68} {b / GB:6.2f} GB' for what, b in rows]
     for ckpt in (False, True):
-        act = saved_bytes(batch, ckpt)
+        act = saved_bytes(batch, ckpt, lora_rank)
         what = 'activations saved for backward, bf16 autocast' + (', checkpointing' if ckpt else '')
         lines.append(f'  {what:<68} '
                      f'{act / GB:6.2f} GB  -> total {(static + act) / GB:5.1f} GB + workspace')
@@ -149,10 +182,15 @@ def main(argv=None):
     p.add_argument('--nfe', type=int, default=2, help='student steps (the teacher takes K = 3 per step)')
     p.add_argument('--sfd-v', action='store_true', help="SFD-v's step condition on the student")
     p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--lora-rank', type=int, default=0, help='a LoRA student of this rank (0: no LoRA)')
     p.add_argument('--repeat', type=int, default=3)
     p.add_argument('--no-estimate', action='store_true', help='skip the computed SD memory table')
     args = p.parse_args(argv)
     latent._require()
+    if args.lora_rank < 0:
+        raise ValueError(f'--lora-rank {args.lora_rank}: a rank >= 1 for a LoRA student (0: no LoRA)')
+    if args.lora_rank:
+        hub.require_peft()
     dev = cli.device(args.device)
     sd = dev.type == 'cuda'
     what = ('SD v1.5-sized UNet (random weights), bf16 autocast' if sd else
@@ -162,14 +200,15 @@ def main(argv=None):
     lines = [f'{what}; {torch.cuda.get_device_name(dev) if sd else "cpu"}',
              f'one SFD iteration, batch {args.batch} ({args.accumulate} round(s)), NFE {args.nfe}'
              f'{" SFD-v" if args.sfd_v else ""}'
-             f'{", gradient checkpointing" if args.grad_checkpointing else ""}: '
+             f'{", gradient checkpointing" if args.grad_checkpointing else ""}'
+             f'{f", LoRA rank {args.lora_rank}" if args.lora_rank else ""}: '
              f'{teacher_calls} teacher calls + {student_calls} student steps: {seconds:.3f} s'
              + (f', peak {peak:.2f} GB allocated' if peak is not None else '')]
     if sd and args.batch == 16 and args.accumulate == 1:
         lines.append(f'  the recipe\'s 128 trajectories = 8 such micro-batches: ~{8 * seconds:.1f} s per iteration, '
                      f'~{781 * 8 * seconds / 3600:.1f} h for 100 kimg (781 iterations) on this one GPU')
     if not args.no_estimate:
-        lines += memory_table(args.batch // args.accumulate, args.sfd_v)
+        lines += memory_table(args.batch // args.accumulate, args.sfd_v, args.lora_rank)
     print('\n'.join(lines))
     return lines
 
