@@ -117,6 +117,7 @@ def facts(meta, model, run_dir, licence_note):
                 kimg=meta.get('kimg', meta.get('config', {}).get('kimg')),
                 train_seconds=training_seconds(run_dir), shape=meta.get('shape'),
                 diffusers=meta.get('diffusers', False), text=text, stock_pipeline=meta.get('stock_pipeline'),
+                lora=meta.get('lora'),
                 license=lic, license_note=note, written=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
                 metrics=[])
 
@@ -130,6 +131,8 @@ def _front(f):
     tags = ['diffusion-distillation', 'few-step-sampling', f['method']]
     if f['text']:
         tags.append('text-to-image')
+    if f.get('lora'):
+        tags.append('lora')
     head = dict(license=f['license'])
     if f['teacher'] and re.fullmatch(r'[\w.-]+/[\w.-]+', f.get('base') or f['teacher']) \
             and not Path(f.get('base') or f['teacher']).exists():
@@ -156,7 +159,19 @@ def _sampling(f):
     prompt = ' --prompt "a photo of a cat"' if f['text'] else ''
     lines = ['```sh', f'python sample.py --model {f["model"]}{flags}{prompt} --seeds 0-15 --grid samples.png',
              '```']
-    if f['diffusers'] and f['stock_pipeline'] == 'direct' and f['text']:
+    if f.get('lora') and f['stock_pipeline'] == 'direct' and f['text']:  # adapters on the base pipeline
+        lines += ['In the stock pipeline (`stock_pipelines.py` of this project on the path):', '```python',
+                  'from diffusers import StableDiffusionPipeline; from stock_pipelines import StudentScheduler',
+                  f"pipe = StableDiffusionPipeline.from_pretrained({f['base']!r}, scheduler=StudentScheduler."
+                  "from_pretrained('.', subfolder='scheduler')); pipe.load_lora_weights('.')",
+                  f"image = pipe('a photo of a cat', num_inference_steps={nfes[0]}, "
+                  'guidance_scale=1.0).images[0]',
+                  '```']
+    elif f.get('lora'):
+        lines.append(f"LoRA adapters (rank {f['lora'].get('rank')}): `pipe.load_lora_weights(FOLDER)` loads them "
+                     'into the base pipeline; its step/guidance projection loads only through this project '
+                     f'(`python hub.py fuse {f["model"]} FULL` writes a full UNet).')
+    elif f['diffusers'] and f['stock_pipeline'] == 'direct' and f['text']:
         lines += ['In the stock pipeline (`stock_pipelines.py` of this project on the path):', '```python',
                   'from diffusers import StableDiffusionPipeline, UNet2DConditionModel; '
                   'from stock_pipelines import StudentScheduler',

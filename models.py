@@ -453,7 +453,8 @@ def save_student(folder, name, net, **meta):
     if isinstance(net, latent.Denoiser):
         path = hub.save_student(folder / name, net, **meta)
         write_card(path, dict(meta, diffusers=True, base=net.base, text=net.text,
-                              stock_pipeline=_stock_pipeline(path, net.text)), str(path), run_dir=folder)
+                              lora=getattr(net, 'lora', None), stock_pipeline=_stock_pipeline(path, net.text)),
+                   str(path), run_dir=folder)
         return path
     raise TypeError(f'save_student: a {type(net).__name__} is neither unet.EDMPrecond nor latent.Denoiser')
 

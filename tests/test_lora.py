@@ -162,6 +162,8 @@ def test_lora_run_folder_loads_in_stock_diffusers_samples_here_and_fuses(monkeyp
                   '--quiet', '--run-dir', str(run)])
     folder = run / 'student'
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', hub.STUDENT_FILE, hub.LORA_WEIGHTS, 'scheduler']
+    card = (folder / 'README.md').read_text()  # its model card shows the three stock lines, adapters loaded
+    assert '"lora"' in card and "pipe.load_lora_weights('.')" in card and 'StudentScheduler' in card
     full = (sd / 'pipe' / 'unet' / 'diffusion_pytorch_model.safetensors').stat().st_size
     n = _lora_size(_adapted(_net64(sd).unet), 4)
     size = (folder / hub.LORA_WEIGHTS).stat().st_size
