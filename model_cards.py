@@ -161,14 +161,16 @@ def _sampling(f):
              '```']
     if f.get('lora') and f['stock_pipeline'] == 'direct' and f['text']:  # adapters on the base pipeline
         lines += ['In the stock pipeline (`stock_pipelines.py` of this project on the path):', '```python',
-                  'from diffusers import StableDiffusionPipeline; from stock_pipelines import StudentScheduler',
+                  'from diffusers import StableDiffusionPipeline',
+                  'from stock_pipelines import StudentScheduler',
                   f"pipe = StableDiffusionPipeline.from_pretrained({f['base']!r}, scheduler=StudentScheduler."
                   "from_pretrained('.', subfolder='scheduler')); pipe.load_lora_weights('.')",
                   f"image = pipe('a photo of a cat', num_inference_steps={nfes[0]}, "
                   'guidance_scale=1.0).images[0]',
                   '```']
     elif f.get('lora'):
-        lines.append(f"LoRA adapters (rank {f['lora'].get('rank')}): `pipe.load_lora_weights(FOLDER)` loads them "
+        lines.append(f"LoRA adapters (rank {f['lora'].get('rank')}): `pipe.load_lora_weights(FOLDER)` loads "
+                     'them '
                      'into the base pipeline; its step/guidance projection loads only through this project '
                      f'(`python hub.py fuse {f["model"]} FULL` writes a full UNet).')
     elif f['diffusers'] and f['stock_pipeline'] == 'direct' and f['text']:

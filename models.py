@@ -328,8 +328,8 @@ def _load_toy(spec, device):
         return load_model(path, device)
     data.check_cache()  # the cache must take the teacher: refused now, not after its training
     run_dir = path.with_suffix('.run')  # its snapshots: an interrupted training continues from them
-    print(f'{spec}: training this teacher once (2-D: ~30 s; cifar10-16: ~16 min on 2 CPU cores); it is cached '
-          f'as {path} for every later use; snapshots in {run_dir}', file=sys.stderr)
+    print(f'{spec}: training this teacher once (2-D: ~30 s; cifar10-16: ~16 min on 2 CPU cores); it is '
+          f'cached as {path} for every later use; snapshots in {run_dir}', file=sys.stderr)
     t0 = time.time()
     net = toy.train_teacher(settings, device=device, run_dir=run_dir)
     meta = dict(kind='toy-teacher', toy=name, train=settings, shape=toy.sample_shape(name),
@@ -453,8 +453,8 @@ def save_student(folder, name, net, **meta):
     if isinstance(net, latent.Denoiser):
         path = hub.save_student(folder / name, net, **meta)
         write_card(path, dict(meta, diffusers=True, base=net.base, text=net.text,
-                              lora=getattr(net, 'lora', None), stock_pipeline=_stock_pipeline(path, net.text)),
-                   str(path), run_dir=folder)
+                              lora=getattr(net, 'lora', None),
+                              stock_pipeline=_stock_pipeline(path, net.text)), str(path), run_dir=folder)
         return path
     raise TypeError(f'save_student: a {type(net).__name__} is neither unet.EDMPrecond nor latent.Denoiser')
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import distill  # noqa: E402
 import hub  # noqa: E402
-import presets  # noqa: E402
 import latent  # noqa: E402
+import presets  # noqa: E402
 
 SD_UNET = dict(sample_size=64, cross_attention_dim=768)  # SD v1.5's values; the rest are the class defaults
 TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
@@ -205,7 +205,8 @@ def main(argv=None):
              f'{teacher_calls} teacher calls + {student_calls} student steps: {seconds:.3f} s'
              + (f', peak {peak:.2f} GB allocated' if peak is not None else '')]
     if sd and args.batch == 16 and args.accumulate == 1:
-        lines.append(f'  the recipe\'s 128 trajectories = 8 such micro-batches: ~{8 * seconds:.1f} s per iteration, '
+        lines.append(f'  the recipe\'s 128 trajectories = 8 such micro-batches: ~{8 * seconds:.1f} s per '
+                     'iteration, '
                      f'~{781 * 8 * seconds / 3600:.1f} h for 100 kimg (781 iterations) on this one GPU')
     if not args.no_estimate:
         lines += memory_table(args.batch // args.accumulate, args.sfd_v, args.lora_rank)

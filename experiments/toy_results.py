@@ -3,10 +3,11 @@
 Trains SFD + AFS (2 NFE), SFD-v (NFE 2-5), the second stage (1 NFE, from the SFD-v model) and
 vanilla trajectory distillation (2 NFE) for each seed: vanilla with its DPM-Solver-2 teacher at
 the same teacher cost per sample as SFD's DPM-Solver++(3M), and a like-for-like pair (the same
-DPM-2 teacher, K = 4 sub-steps per interval and 100 kimg for both methods). It prints metric A (mean distance to the teacher's own fine ODE solution from the same
-noise) and the sliced W2 distance to the data, as a markdown table (mean +- std over seeds).
+DPM-2 teacher, K = 4 sub-steps per interval and 100 kimg for both methods). It prints metric A
+(mean distance to the teacher's own fine ODE solution from the same noise) and the sliced W2
+distance to the data, as a markdown table (mean +- std over seeds).
 
-    python experiments/toy_results.py --seeds 0 1 2      # ~7 minutes on a 2-core CPU
+    python experiments/toy_results.py --seeds 0 1 2      # ~6 minutes on a 2-core CPU
 """
 import argparse
 import sys
@@ -16,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distill  # noqa: E402
-import toy  # noqa: E402
 import models  # noqa: E402
+import toy  # noqa: E402
 
 
 def run(method, seed, out, name=None, **kw):
@@ -42,11 +43,13 @@ def main():
     results = {}  # (row label, nfe) -> list of (A, W)
 
     def add(label, net, sampling, nfe, **cond):
-        results.setdefault((label, nfe), []).append(toy.evaluate(net.eval(), sampling, ref, data_ref, z, nfe=nfe, **cond))
+        results.setdefault((label, nfe), []).append(toy.evaluate(net.eval(), sampling, ref, data_ref, z,
+                                                                 nfe=nfe, **cond))
 
     for k in (1, 2, 3, 4, 5, 12):
         for solver in ('dpmpp3m', 'euler'):
-            add({'dpmpp3m': 'DPM-Solver++(3M)', 'euler': 'Euler (DDIM)'}[solver], teacher, toy.solver_config(solver, k), k)
+            label = {'dpmpp3m': 'DPM-Solver++(3M)', 'euler': 'Euler (DDIM)'}[solver]
+            add(label, teacher, toy.solver_config(solver, k), k)
     for seed in args.seeds:
         print(f'seed {seed}', flush=True)
         net, meta = run('sfd', seed, out)

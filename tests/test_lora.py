@@ -161,7 +161,8 @@ def test_lora_run_folder_loads_in_stock_diffusers_samples_here_and_fuses(monkeyp
                   '--lr', '1e-3', '--batch', '4', '--kimg', '0.008', '--accumulate', '1', '--device', 'cpu',
                   '--quiet', '--run-dir', str(run)])
     folder = run / 'student'
-    assert sorted(p.name for p in folder.iterdir()) == ['README.md', hub.STUDENT_FILE, hub.LORA_WEIGHTS, 'scheduler']
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', hub.STUDENT_FILE, hub.LORA_WEIGHTS,
+                                                         'scheduler']
     card = (folder / 'README.md').read_text()  # its model card shows the three stock lines, adapters loaded
     assert '"lora"' in card and "pipe.load_lora_weights('.')" in card and 'StudentScheduler' in card
     full = (sd / 'pipe' / 'unet' / 'diffusion_pytorch_model.safetensors').stat().st_size
