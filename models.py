@@ -15,6 +15,8 @@ A *spec* names a model wherever one is expected (`--teacher`, `--model`, `--unco
                               Diffusion, latent and pixel DDPMs, from the hub or a save_pretrained folder
     runs/<run>/student/       a distilled diffusers student (hub.save_student: its UNet in diffusers'
                               format, its recipe, and the base pipeline its VAE and text encoder are from)
+                              or a LoRA student (hub.save_lora_student: adapters in diffusers' LoRA format
+                              on its base pipeline, folded in when loaded; needs requirements-lora.txt)
 
 `load(spec)` is the one loader: it returns a network implementing the `Denoiser` protocol (written
 down below: the call, its metadata, conditions, grid, decode) in eval mode, frozen, and metadata
@@ -362,8 +364,8 @@ KINDS = {
              lambda s: _is_file(s, '.pt', '.pth'), _load_ours),
     'diffusers': ('a diffusers pipeline: a hub id (owner/name, e.g. '
                   'stable-diffusion-v1-5/stable-diffusion-v1-5), a folder with model_index.json, or a '
-                  'distilled student folder, runs/<run>/student (needs pip install -r '
-                  'requirements-latent.txt)',
+                  'distilled student folder, runs/<run>/student, full or LoRA (needs pip install -r '
+                  'requirements-latent.txt; a LoRA student also requirements-lora.txt)',
                   hub.is_spec, hub.load),
 }
 
