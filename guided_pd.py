@@ -64,6 +64,8 @@ class GuidedConfig:
     lora_rank: int = 0                    # diffusers stage one: LoRA adapters of this rank only (0: all)
     lora_alpha: float = 0.0               # the adapters' scale is alpha / rank; 0: alpha = rank
     lora_targets: str = ''                # the UNet layers adapted; '': attention + feed-forward (hub.py)
+    w_init: str = 'zero'                  # stage one's w embedding: zero last layer (a no-op) | random
+    w_lr_scale: float = 1.0               # its lr, in units of lr (the teacher's weights keep lr)
     seed: int = 0
     run_dir: str = ''                     # '' = a new folder runs/<00000>-guided-<stage>-<teacher>
     tick_kimg: float = 64.0               # one stats.jsonl row per tick
@@ -120,13 +122,25 @@ def guided_teacher(cond_net, uncond_net=None):
 cfg_teacher = guided_teacher  # the name of earlier versions
 
 
-def make_student(net):
-    """Meng Sec. 3.1: the student starts as the conditional teacher plus a w input (zero-initialised,
-    added like the noise level's embedding: an exact no-op until trained), without dropout (App. B;
-    EDM's U-Net blocks drop with p = 0.13 in train mode) or label dropout."""
+W_INITS = ('zero', 'random')
+
+
+def make_student(net, w_init='zero'):
+    """Meng Sec. 3.1: the student starts as the conditional teacher plus a w input (added like the
+    noise level's embedding), without dropout (App. B; EDM's U-Net blocks drop with p = 0.13 in
+    train mode) or label dropout. `w_init`: 'zero' (the embedding's last layer is zero: an exact
+    no-op until trained) or 'random' (a fresh Xavier-uniform last layer, as a new layer in Meng's
+    code: the student starts off the teacher, by an amount that depends on w)."""
+    if w_init not in W_INITS:
+        raise ValueError(f'--w-init {w_init!r}: choose one of {", ".join(W_INITS)}')
     student = copy.deepcopy(net).train().requires_grad_(True)
-    if not student.use_guidance_condition:
+    new = not student.use_guidance_condition
+    if new:
         student.enable_guidance_condition()
+    if w_init == 'random' and new:
+        last = _w_embedding(student).layer1
+        with torch.no_grad():
+            torch.nn.init.xavier_uniform_(last.weight)
     off = set()
     for m in student.modules():  # EDM's U-Net blocks keep their p in `dropout`, its U-Nets `label_dropout`
         if hasattr(m, 'config'):
@@ -138,6 +152,27 @@ def make_student(net):
     if isinstance(getattr(student, 'init_kwargs', None), dict):
         student.init_kwargs.update(dict.fromkeys(off, 0.0))  # a file rebuilt from them keeps them off
     return student
+
+
+def _w_embedding(student):
+    """The w embedding of one of the project's networks (unet.py's U-Nets, toy.py's MLP), or an error."""
+    emb = getattr(getattr(student, 'model', student), 'map_guidance', None)
+    if emb is None:
+        raise ValueError("--w-init random / --w-lr-scale: for the project's own networks (a diffusers "
+                         'UNet takes w through its time_cond_proj_dim layers)')
+    return emb
+
+
+def param_groups(student, w_lr_scale=1.0):
+    """Adam's parameter groups for stage one: the teacher's weights, and the new w embedding with
+    its lr multiplied by `w_lr_scale` (train.py scales a group's lr by its 'lr_scale'). Frozen
+    parameters (a LoRA student's base) are left out."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if w_lr_scale == 1.0:
+        return [{'params': params}]
+    new = {id(p) for p in _w_embedding(student).parameters()}
+    return [{'params': [p for p in params if id(p) not in new]},
+            {'params': [p for p in params if id(p) in new], 'lr_scale': w_lr_scale}]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,10 +158,10 @@ class StageOne(_Job):
         cfg = self.settled(presets.with_guided_teacher(cfg, 'stage1', net, tmeta, log, world))
         self.D_w, self.tmeta, self.data = D_w, tmeta, tmeta.get('data', cfg.data)
         self.draw = draw_source(cfg, net, self.data, dataset)
-        self.student = guided_pd.make_student(net)  # Alg. 1: eta_1 starts from the conditional teacher
+        self.student = guided_pd.make_student(net, cfg.w_init)  # Alg. 1: eta_1 from the conditional teacher
         if cfg.lora_rank:  # a LoRA student: the UNet frozen, adapters with B = 0 and the w projection
             hub.add_lora(self.student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        self.optimizer = torch.optim.Adam(hub.trainable(self.student), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(guided_pd.param_groups(self.student, cfg.w_lr_scale), lr=cfg.lr)
         self.iterations, self.lr = train.iterations_for(cfg.kimg, cfg.batch), cfg.lr
 
     def describe(self):
@@ -307,10 +307,11 @@ def resumed_state(run_dir, stage):
 
 
 def run(stage, cfg, dataset=None, progress=True, log=print, resume=None, stop_at_iteration=None,
-        explicit=None):
+        explicit=None, on_tick=None):
     """guided_pd.stage_one / stage_two: check `cfg` (or, with `resume`, merge the fields named in
     `explicit`, default all, into the stored run's settings) and train. Stage one returns
-    (student, meta), stage two the paths of its students."""
+    (student, meta), stage two the paths of its students. `on_tick(row, net)`: train.fit's, after
+    every stats row (e.g. a learning curve measured on the EMA network)."""
     state = None
     if resume:
         state = resumed_state(resume, stage)
@@ -320,10 +321,11 @@ def run(stage, cfg, dataset=None, progress=True, log=print, resume=None, stop_at
                               world_size=cli.world_size())
     else:
         presets.validate_guided(cfg, cli.world_size(), stage)
-    return train_stage(stage, cfg, state, dataset, progress, log, stop_at_iteration)
+    return train_stage(stage, cfg, state, dataset, progress, log, stop_at_iteration, on_tick)
 
 
-def train_stage(stage, cfg, state=None, dataset=None, progress=True, log=print, stop_at_iteration=None):
+def train_stage(stage, cfg, state=None, dataset=None, progress=True, log=print, stop_at_iteration=None,
+                on_tick=None):
     """One stage with resolved settings `cfg` (state: a run being continued) through train.fit; the
     run folder is claimed under its lock before the teacher is loaded, and held to the end."""
     for spec in (cfg.teacher, cfg.uncond):  # their forms, and a cache they would be written to, first
@@ -332,10 +334,10 @@ def train_stage(stage, cfg, state=None, dataset=None, progress=True, log=print, 
     rank, world, device = cli.init_distributed(cli.device(cfg.device))
     with cli.run_folder(cfg.run_dir, default_run_name(cfg, stage), resume=state is not None) as run_dir:
         where = (rank, world, device)
-        return _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir, where)
+        return _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir, where, on_tick)
 
 
-def _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir, where):
+def _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir, where, on_tick=None):
     """The teacher and the student (the stage's job), the loop (train.fit), the closing line."""
     rank, world, device = where
     torch.manual_seed(cfg.seed)  # the student's new w embedding starts alike on every rank
@@ -348,7 +350,7 @@ def _train(stage, cfg, state, dataset, progress, log, stop_at_iteration, run_dir
         compile_backend=cfg.compile_backend, desc=stage, progress=progress)
     if rank == 0:
         log(job.describe())
-    loop = train.fit(job, settings, run_dir, state, stop_at_iteration)
+    loop = train.fit(job, settings, run_dir, state, stop_at_iteration, on_tick)
     net = loop.ema if loop.ema is not None else job.student
     if rank == 0:
         log(f'stopped at iteration {loop.it} ({loop.nimg / 1000:g} kimg); continue with --resume {run_dir}'
@@ -466,6 +468,9 @@ HELP = {
     'accumulate': 'micro-batches per update: batch / (processes x micro-batches) per forward',
     'ema': 'EMA decay (0: none); stage one 0.9999 (paper), stage two none (paper)',
     'grad_clip': 'gradient-norm clip (official configs: 1; 0 = off)',
+    'w_init': "stage one's new w embedding: zero = last layer 0, the student starts as the teacher "
+              "exactly; random = a fresh layer (Meng's code)",
+    'w_lr_scale': "stage one: the w embedding's lr is lr x this (the teacher's weights keep lr)",
     'run_dir': "'' = a new numbered folder runs/<00000>-guided-<stage>-<teacher>",
     'tick_kimg': 'one stats.jsonl row per tick (old --tick N: updates)',
     'precision': 'auto = bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16',

@@ -262,8 +262,8 @@ def _run(loop, ticks, signals, stop_at_iteration):
                desc=s.desc, disable=None if s.progress and loop.rank == 0 else True)
     interrupted = False
     while loop.it < s.iterations:
-        for group in job.optimizer.param_groups:
-            group['lr'] = _call(s.lr, loop.it)
+        for group in job.optimizer.param_groups:  # a group may scale it (e.g. new layers)
+            group['lr'] = _call(s.lr, loop.it) * group.get('lr_scale', 1.0)
         losses = job.iteration(loop)
         if loop.ema is not None:
             beta = _call(s.ema, loop.it)

@@ -15,20 +15,23 @@ from the same noise, and each row prints
 
 Rows: the teacher's fine solve, EDM's Heun (35 NFE), DPM-Solver++(3M) and Euler at 2-5 NFE, SFD +
 AFS at 2 NFE, SFD-v at 2-5, the second stage at 1 NFE, vanilla trajectory distillation (Alg. 3) at
-2 NFE, Meng's stage-one student at w = 0, 1, 2, and SFD Table 1's ladder (teacher Heun / DPM-2 /
-DPM++(3M), t_min 0.002 -> 0.006, AFS, L2 -> L1) next to the paper's CIFAR-10 FIDs. Every student
-trains for --kimg thousand trajectories (SFD-v twice as many), far below the paper's 100-200K:
-what is compared is the ordering at equal cost, not the paper's numbers. SFD + AFS trains for
-every --seeds, every other student for the first seed.
+2 NFE, Meng's stage-one student at w = 0, 1, 2, 4 (stage two, the stochastic sampler and the
+stage-one recipe search: experiments/guided_image_results.py), and SFD Table 1's ladder (teacher
+Heun / DPM-2 / DPM++(3M), t_min 0.002 -> 0.006, AFS, L2 -> L1) next to the paper's CIFAR-10 FIDs.
+Every student trains for --kimg thousand trajectories (SFD-v twice as many), far below the
+paper's 100-200K: what is compared is the ordering at equal cost, not the paper's numbers. SFD +
+AFS trains for every --seeds, every other student for the first seed.
 Students are kept in --out (runs/image-results, shared with notebook 04) and reused when present.
 The results go to <out>/results.md and results.json as well.
 
     python experiments/image_results.py                 # metric A only: about 70 minutes on 2 cores
+                                                        # (+ ~6 for the guided recipe's 600 updates)
     python experiments/image_results.py --fid 2048      # + FIDs: about 30 minutes more
 
 The CIFAR-10 images: the official archive (data.py downloads it once) or $SFD_CIFAR10 (toy.py).
 """
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -132,7 +135,8 @@ def parse_args(argv=None):
     p.add_argument('--n', type=int, default=128, help='noises for metric A (the same for every row)')
     p.add_argument('--ref-steps', type=int, default=128,
                    help="steps of the teacher's fine solve (128 vs 512: 2e-5 per-pixel RMSE apart)")
-    p.add_argument('--guided-iters', type=int, default=200, help='stage-one updates (0: no guided rows)')
+    p.add_argument('--guided-iters', type=int, default=None,
+                   help="stage-one updates (default: presets.GUIDED['images']; 0: no guided rows)")
     p.add_argument('--no-ladder', dest='ladder', action='store_false', help='skip SFD Table 1 ladder runs')
     p.add_argument('--fid', type=int, default=0, help='images per FID (>= 2048; 0: no FID, the default)')
     p.add_argument('--fid-rows', default='Heun (EDM)@35;DPM-Solver++(3M)@2;SFD + AFS@2',
@@ -218,7 +222,7 @@ def main(argv=None):
               torch.zeros(args.n))
     baseline_rows(add, teacher, args)
     student_rows(add, args, times, t_start)
-    if args.guided_iters:
+    if args.guided_iters != 0:
         times['guided'] = guided_rows(args, world, table)
     print(f'\nteacher {args.teacher}: {tmeta["train"]["kimg"]:g} kimg, trained in '
           f'{tmeta.get("train_seconds", float("nan")) / 60:.1f} min on {tmeta.get("train_threads", "?")} '
@@ -264,18 +268,25 @@ def _lpips_cache():
 
 
 def guided_rows(args, world, table, steps=4):
-    """Meng stage one on the conditional pair (one net, its null label the unconditional branch):
-    the w-conditioned student (one call per step) against classifier-free guidance with the teacher
-    (two calls per step) at equal steps and at equal NFE, DPM-Solver++(3M) to t_min 0.006; metric A
-    to the guided teacher's own fine solve at each w, on half as many noises (CFG costs 2 calls)."""
+    """Meng stage one on the conditional pair (one net, its null label the unconditional branch),
+    with the recipe of presets.GUIDED['images'] (found by experiments/guided_image_results.py
+    --search): the w-conditioned student (one call per step) against classifier-free guidance
+    with the teacher (two calls per step) at equal steps and at equal NFE, DPM-Solver++(3M) to
+    t_min 0.006, at w = 0, 1, 2, 4; metric A to the guided teacher's own fine solve at each w, on
+    half as many noises (CFG costs 2 calls). Stage two and the stochastic sampler:
+    experiments/guided_image_results.py."""
     t0 = time.time()
-    run_dir = Path(args.out) / f'guided-stage1-s{args.seeds[0]}'
     spec = f'toy:{world}:cond'
-    if not (run_dir / 'student.pt').is_file():  # lr 1e-4: the official stage-one configs
-        # --guided-iters updates of --batch samples; a stats row every 50 updates.
-        cfg = guided_pd.GuidedConfig(teacher=spec, uncond='', kimg=args.guided_iters * args.batch / 1000,
-                                     batch=args.batch, lr=1e-4, ema=0.99, tick_kimg=50 * args.batch / 1000,
-                                     seed=args.seeds[0], run_dir=str(run_dir), device='cpu')
+    flags = dict(teacher=spec, uncond='', seed=args.seeds[0], device='cpu', snapshot_kimg=1e6)
+    cfg = guided_pd.apply_defaults(guided_pd.GuidedConfig(**flags), 'stage1', explicit=flags)
+    if args.guided_iters is not None:  # --guided-iters updates of the preset's batch
+        cfg = dataclasses.replace(cfg, kimg=guided_pd_run.kimg_of(args.guided_iters, cfg.batch))
+    updates = math.ceil(int(cfg.kimg * 1000) / cfg.batch)
+    # The recipe names the folder: a student of another recipe is never reused for this one.
+    run_dir = Path(args.out) / (f'guided-stage1-lr{cfg.lr:g}-ema{cfg.ema:g}-{cfg.w_init}-x{cfg.w_lr_scale:g}-'
+                                f'{updates}u-s{cfg.seed}')
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir), tick_kimg=cfg.kimg)
+    if not (run_dir / 'student.pt').is_file():
         guided_pd.stage_one(cfg, progress=False, log=lambda *_: None)
     student, _ = models.load(str(run_dir / 'student.pt'))
     D_w = guided_pd_run.load_guided_teacher(spec)[0]
@@ -287,7 +298,7 @@ def guided_rows(args, world, table, steps=4):
     def run(net, k, w):
         return solvers.sample(net, 80. * zg, solvers.time_schedule(k, 0.006, 80.), 'dpmpp3m', guidance=w,
                               class_labels=labels)
-    for w in (0.0, 1.0, 2.0):
+    for w in (0.0, 1.0, 2.0, 4.0):
         ref = toy.reference_solution(D_w, zg, steps=args.ref_steps, guidance=w, class_labels=labels)
         table.add(f'stage-one student, DPM++(3M) {steps} steps, w = {w:g}', steps,
                   per_sample_rmse(run(student, steps, w), ref))

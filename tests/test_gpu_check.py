@@ -50,7 +50,8 @@ def test_every_step_runs_and_fills_every_section(dry):
     assert data == json.loads(json.dumps(bench.plain(results)))
     names = [s[0] for s in gpu_check.steps(gpu_check.SIZES['dry'])]
     assert list(data['steps']) == names
-    assert {n: s['status'] for n, s in data['steps'].items()} == dict.fromkeys(names, 'ok')
+    assert {n: s['status'] for n, s in data['steps'].items()} == dict.fromkeys(names, 'ok'), \
+        {n: s.get('error') or s.get('reason') for n, s in data['steps'].items() if s['status'] != 'ok'}
     assert all(data[section] for section in gpu_check.SECTIONS)
     assert len(data['unet']) == 2 * len(gpu_check.EAGER)  # three variants at two batch sizes
     assert set(data['compile']) == {'bf16+compile, batch 2', 'bf16+compile, batch 4', 'distill', 'sample'}

@@ -23,6 +23,7 @@ import torch
 import guided_pd as gp
 import guided_pd_run
 import models
+import presets
 import solvers
 import toy
 import train
@@ -403,6 +404,41 @@ def test_cli_runs_both_stages_down_to_one_step(teacher, tmp_path):
     assert [models.load_model(p)[1]['N'] for p in paths] == [1]
     with pytest.raises(ValueError, match='stage-one .or stage-two. student file'):
         gp.stage_two(gp.GuidedConfig(teacher='toy:ring', run_dir=str(tmp_path / 'x')), log=lambda *a: None)
+
+
+def test_w_embedding_init_options_and_their_lr(tmp_path):
+    """w_init 'zero' keeps the student equal to the teacher, 'random' (Meng's fresh layer) makes it
+    depend on w at once; w_lr_scale gives the new embedding its own lr: Adam's first update moves
+    each weight by about lr, the embedding's by about lr x w_lr_scale (train.py's 'lr_scale')."""
+    kw = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+              attn_resolutions=[4], label_dim=10)
+    torch.manual_seed(0)
+    cond = unet.EDMPrecond(**kw).eval()
+    with torch.no_grad():  # a fresh U-Net's zero-initialised layers would hide the embedding: as if trained
+        for p in cond.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randn(2, 3, 8, 8), torch.eye(10)[:2]
+    zero, rand = gp.make_student(cond).eval(), gp.make_student(cond, 'random').eval()
+    assert torch.equal(zero(x, 1.0, y, guidance=4.0), cond(x, 1.0, y))
+    assert not torch.allclose(rand(x, 1.0, y, guidance=4.0), rand(x, 1.0, y, guidance=0.0))
+    with pytest.raises(ValueError, match='--w-init'):
+        gp.make_student(cond, 'ones')
+    with pytest.raises(ValueError, match='--w-lr-scale'):
+        presets.validate_guided(gp.GuidedConfig(w_lr_scale=0.0))
+    groups = gp.param_groups(zero, 10.0)
+    assert groups[1]['lr_scale'] == 10.0
+    assert {id(p) for p in groups[1]['params']} == {id(p) for p in zero.model.map_guidance.parameters()}
+    models.save_model(tmp_path / 'cond.pt', cond)
+    images, labels = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.arange(8) % 10
+    cfg = gp.GuidedConfig(teacher=str(tmp_path / 'cond.pt'), uncond='', run_dir=str(tmp_path / 's1'),
+                          device='cpu', batch=4, kimg=0.004, ema=0.0, grad_clip=0.0, lr=1e-3, w_lr_scale=10.0)
+    net, _ = gp.stage_one(cfg, dataset=(images, labels), progress=False, log=lambda *a: None)
+    # The embedding's last layer started at 0 (its first layer, random, gets no gradient through it).
+    moved = {k: (v - zero.state_dict()[k]).abs().max().item() for k, v in net.state_dict().items()
+             if 'map_guidance.layer0' not in k}
+    new = [v for k, v in moved.items() if 'map_guidance' in k]
+    old = [v for k, v in moved.items() if 'map_guidance' not in k]
+    assert max(old) <= 1.001e-3 and max(new) == pytest.approx(1e-2, rel=1e-3)
 
 
 def test_image_teacher_code_path(tmp_path):

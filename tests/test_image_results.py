@@ -32,7 +32,7 @@ def test_image_results_on_the_quick_teacher(tmp_path, monkeypatch, capsys):
     assert len(rows['SFD + AFS', 2]['metric_a']) == 2 and len(rows['SFD-v', 5]['metric_a']) == 1
     assert len(rows['vanilla (Alg. 3), DPM-2, t_min 0.002, L2', 2]['metric_a']) == 1  # first seed only
     assert {('second stage (L1)', 1), ('Euler', 5), ('Heun (EDM)', 35)} <= set(rows)
-    assert sum(label.startswith('stage-one student') for label, _ in rows) == 3  # w = 0, 1, 2
+    assert sum(label.startswith('stage-one student') for label, _ in rows) == 4  # w = 0, 1, 2, 4
     # DPM-Solver++(3M) at 2 NFE, recomputed here: per-pixel RMSE to a fine solve from the same noise.
     teacher, meta = models.load('toy:cifar10-16')
     z = toy.eval_noise(4, seed=1234, shape=meta['shape'])
