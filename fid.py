@@ -374,7 +374,7 @@ def check_stats(stats, protocol, what, allow_foreign=False):
     if not (np.isfinite(stats['mu']).all() and np.isfinite(stats['sigma']).all()):
         raise FloatingPointError(f'the {what} statistics hold NaN or inf values: recompute them')
     if stats.get('num_images') is not None:
-        check_count(stats['num_images'], f'{what} images')
+        check_count(stats['num_images'], 'images' if what == 'image' else f'{what} images')
 
 
 def fid_from_stats(stats, ref, allow_foreign=False) -> float:

@@ -23,7 +23,10 @@ Two modes:
             at N steps (D / S) against DDIM with CFG at k x 2 steps, for each w.
 The stochastic sampler adds fresh noise on its way, so its samples are not meant to land on the
 ODE's endpoint: its metric A includes that spread and is no measure of its sample quality.
-FID is not computed here (16x16 images, too few per CPU-minute; see image_results.py --fid).
+--fid N adds FIDs at one w (--fid-w) for Table 3's rows (N samples each, fresh noise and every
+class in turn, against N real 16x16 training images, fid.py's EDM protocol; with the floor of that
+N, another N real images): FIDs of 16x16 images, comparable with one another, NOT with any
+CIFAR-10 FID. They measure what metric A cannot: the stochastic sampler's samples.
 Students go to --out (runs/guided-image-results, read by notebook 03), results to
 <out>/results.md and results.json (the search: <out>/search.md and search.json).
 
@@ -31,6 +34,7 @@ Students go to --out (runs/guided-image-results, read by notebook 03), results t
     python experiments/guided_image_results.py --search --candidates lr1e-3 lr1e-3-w-lr-x10 \
         --search-updates 600 --eval-every 100                # the two that work, longer: ~18 min
     python experiments/guided_image_results.py            # stage one + both stage twos: ~20 min
+    python experiments/guided_image_results.py --fid 2048  # + FIDs at w = 1: ~3 min per row
 (times: one busy CPU thread per run, as measured for docs/results.md; the default mode reuses the
 search's run of the preset recipe, and every run folder is reused when its files exist)
 """
@@ -290,16 +294,60 @@ def results(args, bench):
     print(f'stage two: deterministic {s_det:.0f} s, stochastic {s_sto:.0f} s', flush=True)
     t3, rows = table3(bench, net1, det, sto, args.seed)
     print(t3)
+    t_fid, fids = fid_rows(args, det, sto, args.fid_w) if args.fid else ('', [])
+    print(t_fid)
     head = (f'teacher {args.teacher}; metric A on {bench.n} noises (seed 777), fine solves of '
             f'{bench.ref_steps} steps; training seed {args.seed}; {torch.get_num_threads()} thread(s)')
-    (Path(args.out) / 'results.md').write_text(f'{head}\n\n{t1}\n\n{t3}\n')
+    (Path(args.out) / 'results.md').write_text(f'{head}\n\n{t1}\n\n{t3}\n\n{t_fid}\n')
     (Path(args.out) / 'results.json').write_text(json.dumps(dict(
         stage_one=dict(curve=curve, seconds=s1, config=vars(cfg)), table3=rows, students=dict(
             stage1=str(Path(cfg.run_dir) / 'student.pt'), deterministic=list(map(str, det)),
-            stochastic=list(map(str, sto))), teacher=args.teacher, n=bench.n, ref_steps=bench.ref_steps,
+            stochastic=list(map(str, sto))), fid=fids, teacher=args.teacher, n=bench.n,
+        ref_steps=bench.ref_steps,
         seconds=dict(stage1=s1, stage2=s_det, stage2_stochastic=s_sto)), indent=1))
     print(f'total {time.time() - t_start:.0f} s on {torch.get_num_threads()} thread(s)')
     return rows
+
+
+@torch.no_grad()
+def fid_rows(args, det, sto, w):
+    """FID (16x16, fid.py's EDM protocol) of Table 3's samplers at one w: args.fid samples each from
+    fresh noise, labels every class in turn, against as many real images (spread over the training
+    set), and the floor (another args.fid real images). Returns (markdown, rows)."""
+    import fid
+    import sample
+    t0 = time.time()
+    D_w, net, meta = guided_pd_run.load_guided_teacher(args.teacher)
+    s = meta['train']
+    x_real = toy.image_data(s['source'], s['resolution'], s['max_images'])[0]
+    pick = torch.linspace(0, len(x_real) - 13, args.fid).long()
+    model = fid.load_inception(device='cpu')
+    stats = lambda x: fid.compute_stats(x, model, batch_size=64, progress=False)  # noqa: E731
+    ref_path = Path(args.out) / f'fid-ref-{args.fid}.npz'  # the real images' statistics, computed once
+    if not ref_path.is_file():
+        fid.save_stats(ref_path, stats(x_real[pick]))
+    ref = fid.load_stats(ref_path)
+    rows = [dict(sampler=f'real 16x16 images (another {args.fid})', nfe=0,
+                 fid=fid.fid_from_stats(stats(x_real[pick + 12]), ref))]
+    z = toy.eval_noise(args.fid, seed=4321, shape=meta['shape'])
+    labels = torch.eye(net.label_dim)[torch.arange(args.fid) % net.label_dim]
+
+    def add(name, nfe, draw):
+        x = torch.cat([draw(zb, yb) for zb, yb in zip(z.split(256), labels.split(256), strict=True)])
+        rows.append(dict(sampler=name, nfe=nfe, fid=fid.fid_from_stats(stats(sample.to_uint8(x)), ref)))
+        print(f'FID {name}: {rows[-1]["fid"]:.1f} ({time.time() - t0:.0f} s)', flush=True)
+    for path in det + sto:
+        student, m = models.load(path)
+        g = torch.Generator().manual_seed(args.seed)  # the stochastic sampler's noise
+        add(f'student {m["N"]}-step ({"S" if m["stochastic"] else "D"})', m['N'],
+            lambda zb, yb, net=student, m=m, g=g: guided_pd.sample_student(net, m, zb, w, g, class_labels=yb))
+    for k in (1, 2, 4, 8):
+        add(f'DDIM with CFG {k}x2-step', 2 * k,
+            lambda zb, yb, k=k: guided_pd.ddim(D_w, zb, k, w, class_labels=yb))
+    out = [f'| sampler (FID of {args.fid} 16x16 samples, w = {w:g}) | NFE | FID |', '| --- | ---: | ---: |']
+    out += [f'| {r["sampler"]} | {r["nfe"]} | {r["fid"]:.1f} |' for r in rows]
+    print(f'FID rows: {time.time() - t0:.0f} s')
+    return '\n'.join(out), rows
 
 
 def train_iterations(cfg):
@@ -321,6 +369,9 @@ def parse_args(argv=None):
     p.add_argument('--n', type=int, default=32, help='noises for metric A')
     p.add_argument('--ref-steps', type=int, default=48, help="steps of the guided teacher's fine solves")
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--fid', type=int, default=0,
+                   help="FID of Table 3's rows with this many samples (0: none)")
+    p.add_argument('--fid-w', type=float, default=1.0, help='the guidance weight of the FID rows')
     p.add_argument('--out', default='runs/guided-image-results')
     return p.parse_args(argv)
 

@@ -60,7 +60,25 @@ def test_guided_image_results_on_the_quick_teacher(tmp_path, monkeypatch, capsys
     # A second run trains nothing: every student is read back from its folder.
     for name in ('stage_one', 'stage_two'):
         monkeypatch.setattr(guided_pd, name, lambda *a, **k: pytest.fail('retrained a student'))
-    gir.main(argv)
+    # ... and, with --fid, adds Table 3's FIDs at one w (a stand-in network for Inception, as test_fid).
+    import fid
+    import sample
+    from test_fid import FakeNet
+    inception = FakeNet(pixels=3 * 16 * 16)
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: inception)
+    monkeypatch.setattr(fid, 'MIN_IMAGES', 16)  # 24 samples: the statistics' rank is not what is tested
+    gir.main(argv + ['--fid', '24', '--fid-w', '2'])
     again = json.loads((tmp_path / 'results.json').read_text())
     assert again['table3'] == res['table3']
+    fids = {r['sampler']: r['fid'] for r in again['fid']}
+    assert {'real 16x16 images (another 24)', 'student 1-step (D)', 'student 4-step (S)',
+            'DDIM with CFG 8x2-step'} <= set(fids)
+    # One FID recomputed here: DDIM with CFG, 1 step, w = 2, from the script's noise and labels.
+    z = toy.eval_noise(24, seed=4321, shape=meta['shape'])
+    labels = torch.eye(net.label_dim)[torch.arange(24) % net.label_dim]
+    x = guided_pd.ddim(D_w, z, 1, 2.0, class_labels=labels)
+    stats = fid.compute_stats(sample.to_uint8(x), inception, batch_size=64, progress=False)
+    ref = fid.load_stats(tmp_path / 'fid-ref-24.npz')
+    assert fids['DDIM with CFG 1x2-step'] == pytest.approx(fid.fid_from_stats(stats, ref), rel=1e-6)
+    assert 'FID of 24 16x16 samples, w = 2' in (tmp_path / 'results.md').read_text()
     assert 'thread(s)' in capsys.readouterr().out
