@@ -321,7 +321,7 @@ def fid_rows(args, det, sto, w):
     s = meta['train']
     x_real = toy.image_data(s['source'], s['resolution'], s['max_images'])[0]
     pick = torch.linspace(0, len(x_real) - 13, args.fid).long()
-    model = fid.load_inception(device='cpu')
+    model = fid.load_inception(device='cpu', url=args.inception)
     stats = lambda x: fid.compute_stats(x, model, batch_size=64, progress=False)  # noqa: E731
     ref_path = Path(args.out) / f'fid-ref-{args.fid}.npz'  # the real images' statistics, computed once
     if not ref_path.is_file():
@@ -372,6 +372,7 @@ def parse_args(argv=None):
     p.add_argument('--fid', type=int, default=0,
                    help="FID of Table 3's rows with this many samples (0: none)")
     p.add_argument('--fid-w', type=float, default=1.0, help='the guidance weight of the FID rows')
+    p.add_argument('--inception', default=None, help="FID weights (path or URL; default fid.py's NVIDIA file)")
     p.add_argument('--out', default='runs/guided-image-results')
     return p.parse_args(argv)
 
