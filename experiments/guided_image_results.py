@@ -327,12 +327,16 @@ def fid_rows(args, det, sto, w):
     if not ref_path.is_file():
         fid.save_stats(ref_path, stats(x_real[pick]))
     ref = fid.load_stats(ref_path)
-    rows = [dict(sampler=f'real 16x16 images (another {args.fid})', nfe=0,
-                 fid=fid.fid_from_stats(stats(x_real[pick + 12]), ref))]
+    wanted = lambda name: not args.fid_rows or any(r in name for r in args.fid_rows.split(';'))  # noqa: E731
+    floor = f'real 16x16 images (another {args.fid})'
+    rows = [dict(sampler=floor, nfe=0, fid=fid.fid_from_stats(stats(x_real[pick + 12]), ref))
+            for _ in range(wanted(floor))]
     z = toy.eval_noise(args.fid, seed=4321, shape=meta['shape'])
     labels = torch.eye(net.label_dim)[torch.arange(args.fid) % net.label_dim]
 
     def add(name, nfe, draw):
+        if not wanted(name):
+            return
         x = torch.cat([draw(zb, yb) for zb, yb in zip(z.split(256), labels.split(256), strict=True)])
         rows.append(dict(sampler=name, nfe=nfe, fid=fid.fid_from_stats(stats(sample.to_uint8(x)), ref)))
         print(f'FID {name}: {rows[-1]["fid"]:.1f} ({time.time() - t0:.0f} s)', flush=True)
@@ -372,7 +376,10 @@ def parse_args(argv=None):
     p.add_argument('--fid', type=int, default=0,
                    help="FID of Table 3's rows with this many samples (0: none)")
     p.add_argument('--fid-w', type=float, default=1.0, help='the guidance weight of the FID rows')
-    p.add_argument('--inception', default=None, help="FID weights (path or URL; default fid.py's NVIDIA file)")
+    p.add_argument('--fid-rows', default='',
+                   help="only the FID rows whose name holds one of these ';'-separated texts ('': all)")
+    p.add_argument('--inception', default=None,
+                   help="FID weights (path or URL; default fid.py's NVIDIA file)")
     p.add_argument('--out', default='runs/guided-image-results')
     return p.parse_args(argv)
 

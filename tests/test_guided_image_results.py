@@ -81,4 +81,7 @@ def test_guided_image_results_on_the_quick_teacher(tmp_path, monkeypatch, capsys
     ref = fid.load_stats(tmp_path / 'fid-ref-24.npz')
     assert fids['DDIM with CFG 1x2-step'] == pytest.approx(fid.fid_from_stats(stats, ref), rel=1e-6)
     assert 'FID of 24 16x16 samples, w = 2' in (tmp_path / 'results.md').read_text()
+    gir.main(argv + ['--fid', '24', '--fid-w', '2', '--fid-rows', 'DDIM with CFG 1x2;student 1-step'])
+    only = {r['sampler']: r['fid'] for r in json.loads((tmp_path / 'results.json').read_text())['fid']}
+    assert only == {k: fids[k] for k in ('DDIM with CFG 1x2-step', 'student 1-step (D)')}
     assert 'thread(s)' in capsys.readouterr().out
