@@ -205,17 +205,12 @@ def save_student(folder, net, prior=None, **meta):
     info = dict(format=STUDENT_FORMAT, base=net.base, condition=net.condition, prior=prior or net.prior,
                 prediction_type=net.prediction_type, meta=meta)
     text = json.dumps(info, indent=1)  # TypeError now for anything that is not plain data
-    folder = Path(folder)
-    tmp, old = (folder.with_name(f'.{folder.name}.{what}{os.getpid()}') for what in ('tmp', 'old'))
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.unet.save_pretrained(tmp / 'unet')
-    _student_scheduler(net, prior or net.prior, meta.get('sampling')).save_pretrained(tmp / 'scheduler')
-    (tmp / STUDENT_FILE).write_text(text)
-    if folder.exists():  # swap: a reader sees the old folder or the new one, never half of one
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+
+    def write(tmp):
+        net.unet.save_pretrained(tmp / 'unet')
+        _student_scheduler(net, prior or net.prior, meta.get('sampling')).save_pretrained(tmp / 'scheduler')
+        (tmp / STUDENT_FILE).write_text(text)
+    return _write_folder(Path(folder), write)
 
 
 def _student_scheduler(net, prior, recipe):
