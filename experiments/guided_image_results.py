@@ -331,6 +331,8 @@ def fid_rows(args, det, sto, w):
     floor = f'real 16x16 images (another {args.fid})'
     rows = [dict(sampler=floor, nfe=0, fid=fid.fid_from_stats(stats(x_real[pick + 12]), ref))
             for _ in range(wanted(floor))]
+    for r in rows:
+        print(f'FID {r["sampler"]}: {r["fid"]:.1f} ({time.time() - t0:.0f} s)', flush=True)
     z = toy.eval_noise(args.fid, seed=4321, shape=meta['shape'])
     labels = torch.eye(net.label_dim)[torch.arange(args.fid) % net.label_dim]
 
