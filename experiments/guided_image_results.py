@@ -34,7 +34,7 @@ Students go to --out (runs/guided-image-results, read by notebook 03), results t
     python experiments/guided_image_results.py --search --candidates lr1e-3 lr1e-3-w-lr-x10 \
         --search-updates 600 --eval-every 100                # the two that work, longer: ~18 min
     python experiments/guided_image_results.py            # stage one + both stage twos: ~20 min
-    python experiments/guided_image_results.py --fid 2048  # + FIDs at w = 1: ~3 min per row
+    python experiments/guided_image_results.py --fid 2048  # + FIDs at w = 1: ~5 min per row
 (times: one busy CPU thread per run, as measured for docs/results.md; the default mode reuses the
 search's run of the preset recipe, and every run folder is reused when its files exist)
 """
