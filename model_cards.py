@@ -71,8 +71,9 @@ def licence(spec, kind_of, read_meta, depth=0):
     if depth > 8:
         return 'other', f'a chain of students too long to follow back from {spec}'
     meta = read_meta(spec)
-    if meta and meta.get('teacher'):
+    if meta and meta.get('teacher'):  # a student of a student: its licence is its first teacher's
         return licence(meta['teacher'], kind_of, read_meta, depth + 1)
+    # A teacher: the licence comes with where its weights come from.
     try:
         kind = kind_of(spec)
     except ValueError:
@@ -93,6 +94,7 @@ def training_seconds(run_dir):
     path = Path(run_dir) / 'stats.jsonl'
     if not path.is_file():
         return None
+    # Each tick logs the kimg reached and the speed since the last tick: time = images / speed.
     total, last = 0.0, 0.0
     for line in path.read_text().splitlines():
         row = json.loads(line)
@@ -134,21 +136,23 @@ def _front(f):
     if f.get('lora'):
         tags.append('lora')
     head = dict(license=f['license'])
+    # base_model only for a hub id (owner/name): the hub links it; a local path means nothing there.
     if f['teacher'] and re.fullmatch(r'[\w.-]+/[\w.-]+', f.get('base') or f['teacher']) \
             and not Path(f.get('base') or f['teacher']).exists():
         head['base_model'] = f.get('base') or f['teacher']
     head['library_name'] = 'diffusers' if f['diffusers'] else 'pytorch'
     head['tags'] = tags
+    # The hub's task: text-to-image for prompts, unconditional for an image-shaped sample, else none.
     task = 'text-to-image' if f['text'] else ('unconditional-image-generation' if len(f['shape'] or []) == 3
                                               else None)
     if task:
         head['pipeline_tag'] = task
-    if f['metrics']:
+    if f['metrics']:  # the hub's results table: one entry per measured metric
         head['model-index'] = [dict(name=f['model'], results=[dict(
             task=dict(type=task or 'other'), dataset=dict(name=m.get('dataset', 'unknown'),
                                                           type=m.get('dataset', 'unknown')),
             metrics=[dict(type=m['type'], value=m['value'], name=m['name'])]) for m in f['metrics']])]
-    head['diffdistill'] = f
+    head['diffdistill'] = f  # every fact, so that read_card / add_metric re-render the whole card
     return head
 
 
