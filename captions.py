@@ -70,7 +70,7 @@ def coco_pairs(captions, images, first_only=False):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f'--captions {captions}: not an MS-COCO captions JSON with images and annotations '
                          f'({type(e).__name__}: {e})') from None
-    if first_only:
+    if first_only:  # keep each image's first caption: a dict keeps the last write, so go in reverse
         pairs = list({str(f): (f, c) for f, c in reversed(pairs)}.values())[::-1]
     if not pairs or not pairs[0][0].is_file():
         raise ValueError(f'--data {images}: {pairs[0][0] if pairs else "no image"} not found (the folder of '
@@ -84,10 +84,12 @@ def load_image(path, size):
     from PIL import Image
     with Image.open(path) as im:
         im = im.convert('RGB')
+        # Shorter side to `size` (the longer one scaled alike), then the central size x size square.
         s = size / min(im.size)
         im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
         left, top = (im.width - size) // 2, (im.height - size) // 2
         im = im.crop((left, top, left + size, top + size))
+    # HWC uint8 -> CHW float in [-1, 1]
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -100,9 +102,11 @@ def caption_data(net, images, captions):
     pairs, size = coco_pairs(captions, images), net.image_shape[1]
 
     def draw(n, g):
+        # Meng Alg. 1, line 2: (x, c) ~ D, here n pairs drawn with replacement by the run's generator.
         idx = torch.randint(len(pairs), (n,), generator=g).tolist()
         dev = next(net.parameters()).device
         x = torch.stack([load_image(pairs[i][0], size) for i in idx]).to(dev)
+        # The VAE's posterior draw: its noise from a seed drawn from the same generator (net's device).
         seed = int(torch.randint(2 ** 62, (), generator=g))
         with torch.no_grad():
             x0 = net.encode(x, generator=torch.Generator(dev).manual_seed(seed))
@@ -136,10 +140,11 @@ def clip_score(images, prompts, clip=None, batch=64, device='cpu'):
                          f'{list(images.shape)} and {len(prompts)} prompts')
     model, preprocess, tokenizer = clip or load_clip(device)
     total = 0.0
-    for i in range(0, len(images), batch):
+    for i in range(0, len(images), batch):  # image i is compared with prompt i only
         pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images[i:i + batch]]
         f_img = model.encode_image(torch.stack([preprocess(im) for im in pil]).to(device)).double()
         f_txt = model.encode_text(tokenizer(list(prompts[i:i + batch])).to(device)).double()
+        # Each pair's cosine: both embeddings unit length, their dot product per row.
         cos = (f_img / f_img.norm(dim=-1, keepdim=True) * (f_txt / f_txt.norm(dim=-1, keepdim=True))).sum(-1)
         total += float(cos.sum())
     return total / len(images)
@@ -150,7 +155,8 @@ def main(argv=None):
     """`python captions.py clip-score ...`, `python captions.py coco-subset ...` (see the module doc)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ('clip-score', 'coco-subset'):
-        raise ValueError('usage: python captions.py clip-score ... | coco-subset ... (see python captions.py -h)'
+        raise ValueError('usage: python captions.py clip-score ... | coco-subset ... '
+                         '(see python captions.py -h)'
                          if argv[:1] not in (['-h'], ['--help']) else __doc__)
     p = cli.parser(__doc__, prog=f'captions.py {argv[0]}')
     if argv[0] == 'clip-score':
@@ -172,11 +178,12 @@ def main(argv=None):
                            device=cli.device(args.device))
         print(f'CLIP score ({CLIP[0]}, {CLIP[1]}), {len(images)} images: {score:.4f} '
               f'(x100: {100 * score:.2f})')
-        if args.card:
+        if args.card:  # the card records the score with how it was measured
             protocol = f'open_clip {CLIP[0]} ({CLIP[1]}), mean cosine, {len(images)} images of ' \
                        f'{Path(args.prompts).name}'
             model_cards.add_metric(args.card, 'clip-score', score, 'CLIP score', protocol, nfe=args.card_nfe)
         return
+    # coco-subset: the reference images of SFD Sec. 4.1's FID-5K and their prompts, one per image.
     p.add_argument('--images', required=True, help='the MS-COCO image folder, e.g. val2014/')
     p.add_argument('--captions', required=True, help='its captions JSON, e.g. captions_val2014.json')
     p.add_argument('--num', type=int, default=5000)
